@@ -1,0 +1,31 @@
+"""`pathflip` command line: one sub-command per workflow step, each implemented in the module that owns it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .errors import PathflipError
+
+# command -> (module with a `main(argv) -> int`, one-line help)
+COMMANDS = {
+    "extract": ("napari_pathflip.extraction", "extract patch features of slides into a feature store"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: pathflip COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    module_name, _ = COMMANDS[argv[0]]
+    try:
+        return importlib.import_module(module_name).main(argv[1:]) or 0
+    except PathflipError as exc:
+        print(f"pathflip {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

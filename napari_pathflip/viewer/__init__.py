@@ -1,0 +1,1 @@
+"""The thin napari layer: reader, sample data and the workspace widget. Everything here only calls the core."""

@@ -1,0 +1,104 @@
+"""The napari layer in a real viewer under Xvfb: reader, sample data, workspace widget, errors, screenshot."""
+
+import numpy as np
+import pytest
+import tiffslide
+from napari.utils.notifications import notification_manager
+
+from napari_pathflip.viewer.reader import napari_get_reader
+
+PLUGIN = "napari-pathflip"
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer(show=True)
+
+
+def _errors_since(count):
+    return [n.message for n in notification_manager.records[count:]]
+
+
+def test_reader_declines_other_files(tmp_path):
+    assert napari_get_reader(str(tmp_path / "cells.png")) is None
+    assert napari_get_reader([str(tmp_path / "a.svs"), str(tmp_path / "b.svs")]) is None
+    assert napari_get_reader(str(tmp_path / "a.svs")) is not None
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "small.svs"])
+def test_slide_layer_matches_tiffslide(viewer, wsi_dir, name):
+    viewer.open(str(wsi_dir / name), plugin=PLUGIN)
+    layer = viewer.layers[0]
+    reference = tiffslide.TiffSlide(wsi_dir / name)
+    width, height = reference.dimensions
+    assert layer.multiscale and layer.rgb and tuple(layer.contrast_limits) == (0, 255)
+    assert layer.data[0].shape == (height, width, 3)
+    assert all(max(level.shape[:2]) > 1024 for level in layer.data[:-1])
+    assert max(layer.data[-1].shape[:2]) <= 1024
+    assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
+    assert all(str(unit) == "micrometer" for unit in layer.units)
+    info = layer.metadata["pathflip_slide"]
+    assert info["mpp"] == pytest.approx((0.499, 0.499)) and info["objective_power"] == 20
+    h, w = min(height, 300), min(width, 200)
+    expected = reference.read_region((0, height - h), 0, (w, h), as_array=True)
+    np.testing.assert_array_equal(np.asarray(layer.data[0][height - h :, :w]), expected)
+
+
+@pytest.mark.parametrize("name", ["broken.svs", "unopenable.tiff"])
+def test_unopenable_files_notify_and_viewer_stays_usable(viewer, wsi_dir, name):
+    before = len(notification_manager.records)
+    assert viewer.open(str(wsi_dir / name), plugin=PLUGIN) == []
+    assert any("cannot open" in message for message in _errors_since(before))
+    viewer.open(str(wsi_dir / "small.svs"), plugin=PLUGIN)
+    assert len(viewer.layers) == 1
+
+
+def test_missing_file_through_the_reader_notifies(wsi_dir):
+    # napari itself refuses paths that do not exist before asking a reader; scripts may call the reader directly
+    before = len(notification_manager.records)
+    path = str(wsi_dir / "missing.svs")
+    assert napari_get_reader(path)(path) == [(None,)]
+    assert any("no such file" in message for message in _errors_since(before))
+
+
+def test_damaged_tiles_show_grey_and_notify(viewer, wsi_dir, qtbot):
+    before = len(notification_manager.records)
+    viewer.open(str(wsi_dir / "unreadable.svs"), plugin=PLUGIN)
+    layer = viewer.layers[0]
+    assert (np.asarray(layer.data[0]) == 128).all()
+    qtbot.waitUntil(lambda: any("cannot be decoded" in m for m in _errors_since(before)), timeout=5000)
+    viewer.screenshot(canvas_only=True)  # drawing the damaged slide does not raise
+
+
+def test_demo_slide_sample(viewer):
+    viewer.open_sample(PLUGIN, "demo_slide")
+    layer = viewer.layers["PathFLIP demo slide"]
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
+    assert layer.data[0].shape[0] >= 8192 and len(layer.data) >= 4
+
+
+def test_workspace_widget_describes_selected_slide(viewer, wsi_dir, qtbot):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN)
+    assert "No slide" in widget.status.text()
+    viewer.open(str(wsi_dir / "CMU-1-Small-Region.svs"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: "2220 x 2967" in widget.status.text(), timeout=3000)
+    assert "0.499 um/px (file)" in widget.status.text()
+    widget.open_demo.click()
+    assert "PathFLIP demo slide" in viewer.layers
+
+
+def _tissue_fraction(image):
+    rgb = image[..., :3].astype(int)
+    # H&E pinks and purples: red and blue above green
+    return float(((rgb[..., 0] - rgb[..., 1] > 25) & (rgb[..., 2] - rgb[..., 1] > 10)).mean())
+
+
+def test_screenshot_shows_slide_pixels(viewer, wsi_dir, tmp_path):
+    empty = viewer.screenshot(canvas_only=True)
+    viewer.open(str(wsi_dir / "CMU-1-Small-Region.svs"), plugin=PLUGIN)
+    viewer.reset_view()
+    shot = viewer.screenshot(str(tmp_path / "cmu.png"), canvas_only=False)
+    canvas = viewer.screenshot(canvas_only=True)
+    assert _tissue_fraction(empty) == 0.0
+    assert _tissue_fraction(canvas) > 0.05
+    assert shot.shape[0] > canvas.shape[0] or shot.shape[1] > canvas.shape[1]  # the whole window was captured

@@ -1,0 +1,1 @@
+"""Training, evaluation and synthetic data for PathFLIP (reproduces the shipped weights)."""

@@ -1,0 +1,30 @@
+"""`python -m training COMMAND ...`: one module per stage, each with a `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "synthetic": ("training.synthetic", "generate synthetic whole-slide images with masks, captions and questions"),
+    "evaluate": ("training.evaluate", "evaluate retrieval, zero-shot, VQA, captions, grounding"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from napari_pathflip.errors import PathflipError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: python -m training COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    try:
+        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]) or 0
+    except PathflipError as exc:
+        print(f"training {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
