@@ -74,7 +74,7 @@ def test_demo_slide_sample(viewer):
     viewer.open_sample(PLUGIN, "demo_slide")
     layer = viewer.layers["PathFLIP demo slide"]
     assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
-    assert layer.data[0].shape[0] >= 8192 and len(layer.data) >= 4
+    assert layer.data[0].shape[0] >= 8192 and max(layer.data[-1].shape[:2]) <= 1024
 
 
 def test_workspace_widget_describes_selected_slide(viewer, wsi_dir, qtbot):
