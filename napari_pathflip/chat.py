@@ -1,0 +1,708 @@
+"""Chat with a slide: PathFLIP visual tokens spliced into a local causal LM's chat prompt (paper eq. 11).
+
+A chat model folder holds:
+
+    chat_config.json        ChatConfig (visual dim, image placeholder, token cap and pooling rule, prompts,
+                            generation defaults, system prompt)
+    projector.safetensors   sigma of the paper: Linear(visual_dim -> LLM hidden), tensors "weight" and "bias"
+    llm/                    a Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer files with a chat
+                            template); may instead be given separately (`llm_dir`, the CLI's --llm DIR)
+    adapter/                optional peft LoRA folder (adapter_config.json + adapter_model.safetensors)
+
+Visual input: [slide; region_1..region_N] as a [1 + N, d] tensor, or any object with `slide_embedding` [d] and
+`region_embeddings` [N, d] (the PathFLIP model's SlideEncoding).
+
+Splice: the conversation is rendered as text with the tokenizer's own chat template; the image placeholder in the
+first user turn is replaced by 1 + N positions whose input embeddings are the projected visual tokens. The text
+before and after the placeholder is tokenised and kept (the public code dropped the text before it). Training uses
+the same builder (`build_training_example`), so prompts at training and inference time are identical token for
+token; labels are -100 everywhere except on answer tokens, and every answer ends with EOS.
+
+Token cap: a slide with more regions than `max_visual_tokens - 1` is reduced to exactly that many region tokens by
+`pooling` ("adaptive_avg": adaptive average pooling over the regions in their grid (row-major) order, so every
+region still contributes; "top_norm": keep the regions with the largest embedding norm, in grid order). The slide
+token is never pooled. Answers report it (`ChatAnswer.pooled`, `.notice`).
+
+Decoding: one small loop for both paths. Plain path (CPU default): Hugging Face DynamicCache, eager. Fast path
+(CUDA default): a StaticCache allocated once per engine and the one-token decode step compiled with
+torch.compile(mode="reduce-overhead") (CUDA graphs); the prefill stays eager. Tokens are yielded one by one, so
+streaming is a plain iterator and a cancel request is seen before the next token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PathflipError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "chat_config.json"
+PROJECTOR_NAME = "projector.safetensors"
+LLM_DIR = "llm"
+ADAPTER_DIR = "adapter"
+IGNORE_INDEX = -100  # label of every position that carries no loss (prompt, template, image, padding)
+POOLING_RULES = ("adaptive_avg", "top_norm")
+# Stand-in for an assistant answer while the chat template renders, so answers never pass through the template and
+# can be tokenised and labelled on their own.
+_ANSWER_MARK = "<<pathflip-answer-{}>>"
+_ANSWER_RE = re.compile(r"<<pathflip-answer-(\d+)>>")
+_ANY_ANSWER = r"<<pathflip-answer-\d+>>"
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@dataclass
+class GenerationSettings:
+    """How an answer is decoded. Greedy by default (deterministic); sampling with temperature and nucleus top_p."""
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks use it for fixed lengths)
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None  # fixes sampling; unused when greedy
+
+
+@dataclass
+class ChatConfig:
+    """Everything about the chat model that is not a weight. Stored as chat_config.json."""
+    visual_dim: int = 256  # d of the PathFLIP slide/region embeddings
+    image_token: str = "<image>"  # placeholder in the first user turn that the visual tokens replace
+    max_visual_tokens: int = 1025  # slide token + at most 1,024 region tokens
+    pooling: str = "adaptive_avg"  # rule for slides over the cap, one of POOLING_RULES
+    context_tokens: int = 4096  # budget for prompt + answer (also capped by the LLM's max_position_embeddings)
+    system_prompt: str = ("You are PathFLIP, an assistant for pathologists. You are given an H&E whole-slide image "
+                          "and answer questions about it concisely.")
+    caption_prompt: str = "Describe this slide: give the diagnosis and the key pathological findings."
+    choice_instruction: str = ("Answer with the letter of the correct option first, then a period, then a short "
+                               "reason, for example: \"B. Because ...\".")
+    template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})  # Qwen3: no <think> output
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self):
+        if isinstance(self.generation, Mapping):
+            self.generation = GenerationSettings(**self.generation)
+        if self.pooling not in POOLING_RULES:
+            raise PathflipError(f"chat config: pooling must be one of {POOLING_RULES}, not {self.pooling!r}")
+        if self.max_visual_tokens < 2:
+            raise PathflipError("chat config: max_visual_tokens must be at least 2 (the slide token and one region)")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChatConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PathflipError(f"cannot read the chat config {path}: {exc}; "
+                                "write it with ChatConfig().save()") from exc
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise PathflipError(f"{path}: unknown chat config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------------------------- visual tokens
+@dataclass
+class VisualTokens:
+    """Projected visual tokens of one slide, ready to splice, and what the token cap did to them."""
+    embeds: torch.Tensor  # [T, hidden] in the LLM's dtype, slide token first
+    regions_in: int  # regions the slide had
+    pooled: bool
+    notice: str | None  # user-facing sentence when the cap changed the input
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+def visual_tensor(visual) -> torch.Tensor:
+    """[1 + N, d] float tensor from a tensor/array (slide row first) or a SlideEncoding-like object."""
+    if hasattr(visual, "slide_embedding") and hasattr(visual, "region_embeddings"):
+        slide = torch.as_tensor(visual.slide_embedding).reshape(1, -1)
+        regions = torch.as_tensor(visual.region_embeddings).reshape(-1, slide.shape[1])
+        visual = torch.cat([slide, regions.to(slide.dtype)])
+    visual = torch.as_tensor(visual)
+    if visual.ndim != 2 or visual.shape[0] < 1:
+        raise PathflipError(f"visual input must be [1 + regions, dim] (slide first), got shape {tuple(visual.shape)}")
+    if not torch.isfinite(visual).all():
+        raise PathflipError("the slide embeddings contain NaN or infinite values; re-encode the slide")
+    return visual.float()
+
+
+def cap_visual_tokens(visual: torch.Tensor, max_tokens: int, rule: str = "adaptive_avg") -> tuple[torch.Tensor, bool]:
+    """Keep the slide row and at most `max_tokens - 1` region rows (module docstring); returns (rows, pooled)."""
+    slide, regions = visual[:1], visual[1:]
+    keep = max_tokens - 1
+    if regions.shape[0] <= keep:
+        return visual, False
+    if rule == "adaptive_avg":
+        # adaptive pooling splits the row-major region sequence into `keep` nearly equal runs and averages each
+        regions = F.adaptive_avg_pool1d(regions.T.unsqueeze(0), keep)[0].T
+    elif rule == "top_norm":
+        regions = regions[regions.norm(dim=1).topk(keep).indices.sort().values]
+    else:
+        raise PathflipError(f"unknown pooling rule {rule!r}; use one of {POOLING_RULES}")
+    return torch.cat([slide, regions]), True
+
+
+# ------------------------------------------------------------------------------------------- prompt building
+@dataclass
+class TokenizedConversation:
+    """Token ids and labels of one conversation; the visual tokens go to [image_start, image_start + visual_len)."""
+    input_ids: torch.Tensor  # [L] long
+    labels: torch.Tensor  # [L] long, IGNORE_INDEX except on answer tokens and their EOS
+    image_start: int
+    visual_len: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def format_choice_prompt(question: str, options: Mapping[str, str] | Sequence[str], instruction: str) -> str:
+    """Multiple-choice prompt: question, one "A. option" line per option, then the answer-format instruction."""
+    if not isinstance(options, Mapping):
+        options = {chr(ord("A") + i): text for i, text in enumerate(options)}
+    options = {letter: str(text).strip() for letter, text in options.items() if str(text).strip()}
+    if not question.strip() or not options:
+        raise PathflipError("a multiple-choice question needs a question and at least one non-empty option")
+    lines = [question.strip()] + [f"{letter}. {text}" for letter, text in options.items()] + [instruction]
+    return "\n".join(lines)
+
+
+def _normalise_turns(turns: Sequence[Mapping], config: ChatConfig) -> list[dict]:
+    """role/content dicts (LLaVA's from/value accepted), system prompt first, image placeholder in user turn 1."""
+    messages = []
+    for turn in turns:
+        role = _ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
+        content = turn.get("content", turn.get("value"))
+        if role is None or not isinstance(content, str):
+            raise PathflipError(f"a conversation turn needs a role (user/assistant/system) and text content: {turn!r}")
+        messages.append({"role": role, "content": content})
+    if config.system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": config.system_prompt})
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise PathflipError("the conversation has no user turn")
+    placeholders = sum(m["content"].count(config.image_token) for m in messages)
+    if placeholders == 0:  # the image comes once, at the start of the first user turn
+        users[0]["content"] = f"{config.image_token}\n{users[0]['content']}"
+    elif placeholders > 1 or config.image_token not in users[0]["content"]:
+        raise PathflipError(f"the image placeholder {config.image_token!r} may appear once, in the first user turn")
+    return messages
+
+
+def _image_filler_id(tokenizer, image_token: str) -> int:
+    """Id stored at image positions (their embeddings are replaced, so it only keeps input_ids readable): the
+    placeholder's own id when it is one token of the vocabulary, else the pad (or EOS) id."""
+    own = tokenizer.convert_tokens_to_ids(image_token)
+    if isinstance(own, int) and own != tokenizer.unk_token_id:
+        return own
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def tokenize_conversation(tokenizer, visual_len: int, turns: Sequence[Mapping], config: ChatConfig | None = None,
+                          add_generation_prompt: bool = False) -> TokenizedConversation:
+    """Render `turns` with the chat template, splice `visual_len` image positions, label the answers.
+
+    Assistant contents are replaced by markers before rendering, so the template's text (role headers, Qwen3's empty
+    think block, ...) is kept exactly and masked, while each answer is tokenised on its own, supervised, and ends
+    with EOS: the template's EOS right after the answer is taken as the answer's EOS, otherwise EOS is appended.
+    """
+    config = config or ChatConfig()
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise PathflipError("the LLM's tokenizer has no chat template: put one in the llm folder "
+                            "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+    if tokenizer.eos_token_id is None:
+        raise PathflipError("the LLM's tokenizer has no EOS token; set eos_token in tokenizer_config.json")
+    messages = _normalise_turns(turns, config)
+    answers = []
+    for message in messages:
+        if message["role"] == "assistant":
+            answers.append(message["content"].strip())
+            message["content"] = _ANSWER_MARK.format(len(answers) - 1)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **config.template_kwargs)
+    filler = _image_filler_id(tokenizer, config.image_token)
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    image_start, after_answer = None, False
+    for part in re.split(f"({re.escape(config.image_token)}|{_ANY_ANSWER})", text):
+        if part == config.image_token:
+            image_start = len(ids)
+            ids += [filler] * visual_len
+            labels += [IGNORE_INDEX] * visual_len
+            after_answer = False
+        elif mark := _ANSWER_RE.fullmatch(part):
+            answer = tokenizer.encode(answers[int(mark[1])], add_special_tokens=False)
+            answer.append(eos_id)
+            ids += answer
+            labels += answer
+            after_answer = True
+        else:
+            if after_answer and part.startswith(eos_text):
+                part = part[len(eos_text):]  # already added as the answer's supervised EOS
+            after_answer = False
+            if part:
+                piece = tokenizer.encode(part, add_special_tokens=False)
+                ids += piece
+                labels += [IGNORE_INDEX] * len(piece)
+    if image_start is None:
+        raise PathflipError(f"the chat template dropped the image placeholder {config.image_token!r}")
+    return TokenizedConversation(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+                                 image_start, visual_len)
+
+
+def build_training_example(tokenizer, visual_len: int, turns: Sequence[Mapping],
+                           config: ChatConfig | None = None) -> TokenizedConversation:
+    """One instruction-tuning example: loss only on the answer tokens (each ending with EOS)."""
+    example = tokenize_conversation(tokenizer, visual_len, turns, config, add_generation_prompt=False)
+    if not (example.labels != IGNORE_INDEX).any():
+        raise PathflipError("a training conversation needs at least one assistant answer")
+    return example
+
+
+def collate_training_examples(examples: Sequence[TokenizedConversation], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, labels (IGNORE_INDEX on padding), attention_mask, image_starts, visual_lens."""
+    length = max(len(e) for e in examples)
+    batch = {
+        "input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
+        "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+    }
+    for row, example in enumerate(examples):
+        batch["input_ids"][row, :len(example)] = example.input_ids
+        batch["labels"][row, :len(example)] = example.labels
+        batch["attention_mask"][row, :len(example)] = 1
+    batch["image_starts"] = torch.tensor([e.image_start for e in examples], dtype=torch.long)
+    batch["visual_lens"] = torch.tensor([e.visual_len for e in examples], dtype=torch.long)
+    return batch
+
+
+def splice_visual(token_embeds: torch.Tensor, visual_embeds: Sequence[torch.Tensor],
+                  image_starts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Copy of `token_embeds` [B, L, H] with rows image_start .. + T of each sample set to its visual tokens [T, H]
+    (differentiable with respect to both, so training reaches the projector through it)."""
+    out = token_embeds.clone()
+    for row, (visual, start) in enumerate(zip(visual_embeds, image_starts)):
+        start = int(start)
+        out[row, start:start + visual.shape[0]] = visual.to(out.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+class _PlainDecoder:
+    """Eager decoding with a DynamicCache (the CPU path, and the reference for the fast path)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.llm.config)
+        return self.llm(inputs_embeds=inputs_embeds, past_key_values=self.cache, use_cache=True,
+                        logits_to_keep=1).logits[:, -1]
+
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        return self.llm(input_ids=token.view(1, 1), past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+
+class _StaticDecoder:
+    """Fast path: one StaticCache of `max_len` tokens for the engine's lifetime (fixed addresses, as CUDA graphs
+    need); the one-token step is compiled with mode="reduce-overhead" when `compile` (CUDA). Without `compile` it is
+    the same loop in eager mode, which is how it is tested on CPU."""
+
+    def __init__(self, llm, max_len: int, compile: bool):
+        from transformers import StaticCache
+
+        self.llm = llm
+        self.cache = StaticCache(config=llm.config, max_cache_len=max_len)
+        self.compiled = compile
+        self._step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True) if compile else self._forward
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                        use_cache=True).logits[:, -1]
+
+    def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        return self.llm(inputs_embeds=inputs_embeds, past_key_values=self.cache, use_cache=True,
+                        logits_to_keep=1).logits[:, -1]
+
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        position_ids = torch.full((1, 1), position, dtype=torch.long, device=token.device)
+        if not self.compiled:
+            return self._forward(token.view(1, 1), position_ids)
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return self._step(token.view(1, 1), position_ids).clone()
+        except Exception as exc:  # e.g. no triton/compiler on this machine: keep answering, just slower
+            log.warning("compiled decode step failed (%s); continuing with the eager static-cache step", exc)
+            self.compiled = False
+            return self._forward(token.view(1, 1), position_ids)
+
+
+def _next_token(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or a sample after temperature and top-p (the transformers logits warpers)."""
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(max(settings.temperature, 1e-5))(None, logits.float())
+    if settings.top_p < 1.0:
+        scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@dataclass
+class ChatAnswer:
+    """One finished (or cancelled) answer."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "length" (max_new_tokens or context full) or "cancelled"
+    prompt_tokens: int
+    visual_tokens: int
+    pooled: bool  # the token cap pooled the slide's regions
+    notice: str | None  # user-facing note (pooling, answer cut by the context)
+    first_token_s: float | None  # seconds from the request to the first token
+    decode_tokens_per_s: float | None  # tokens after the first one per second
+
+
+class AnswerStream:
+    """Iterator over the text pieces of one answer as they are decoded; `cancel()` stops it before the next token
+    (safe from another thread). After iteration, `answer` holds the ChatAnswer; `result()` drains and returns it."""
+
+    def __init__(self, engine: ChatEngine, prompt: TokenizedConversation, visual: VisualTokens,
+                 settings: GenerationSettings, max_new_tokens: int, notice: str | None,
+                 cancel: threading.Event | None = None, on_done: Callable[[ChatAnswer], None] | None = None):
+        self.engine, self.prompt, self.visual, self.settings = engine, prompt, visual, settings
+        self.max_new_tokens, self.notice, self.on_done = max_new_tokens, notice, on_done
+        self.cancel_event = cancel or threading.Event()
+        self.answer: ChatAnswer | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def result(self) -> ChatAnswer:
+        for _ in self:
+            pass
+        return self.answer
+
+    def _run(self) -> Iterator[str]:
+        engine, settings = self.engine, self.settings
+        if not engine._busy.acquire(blocking=False):
+            raise PathflipError("another answer is still being generated: cancel it or wait for it to finish")
+        started = time.perf_counter()
+        ids: list[int] = []
+        text, finish, first_at, last_at = "", "length", None, None
+        try:
+            # no_grad around each model call, never across a yield: grad mode is thread-wide state and would leak
+            # into the consumer's code between pieces. (no_grad rather than inference_mode: it is what the
+            # compiled static-cache path of transformers is exercised with.)
+            with torch.no_grad():
+                embeds = splice_visual(engine.embed_tokens(self.prompt.input_ids.to(engine.device)[None]),
+                                       [self.visual.embeds], [self.prompt.image_start])
+                decoder = engine._decoder()
+                logits = decoder.prefill(embeds)
+            generator = None
+            if settings.do_sample and settings.seed is not None:
+                generator = torch.Generator(device=engine.device).manual_seed(settings.seed)
+            position = len(self.prompt)
+            for step in range(self.max_new_tokens):
+                if self.cancel_event.is_set():
+                    finish = "cancelled"
+                    break
+                with torch.no_grad():
+                    if step < settings.min_new_tokens:
+                        logits[:, engine.eos_ids] = float("-inf")
+                    token = _next_token(logits, settings, generator)
+                token_id = int(token)
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
+                if token_id in engine.eos_ids:
+                    finish = "eos"
+                    break
+                ids.append(token_id)
+                # Yield only complete characters: a byte-level token can end inside a UTF-8 sequence.
+                decoded = engine.tokenizer.decode(ids, skip_special_tokens=True)
+                if len(decoded) > len(text) and decoded.startswith(text) and not decoded.endswith("\ufffd"):
+                    piece, text = decoded[len(text):], decoded
+                    yield piece
+                if step + 1 < self.max_new_tokens:
+                    with torch.no_grad():
+                        logits = decoder.step(token, position)
+                    position += 1
+            decoded = engine.tokenizer.decode(ids, skip_special_tokens=True)
+            if len(decoded) > len(text) and decoded.startswith(text):
+                piece, text = decoded[len(text):], decoded
+                yield piece
+        finally:
+            engine._busy.release()
+            decoded_after_first = len(ids) - 1 if finish != "eos" else len(ids)
+            self.answer = ChatAnswer(
+                text=text, token_ids=ids, finish_reason=finish, prompt_tokens=len(self.prompt),
+                visual_tokens=len(self.visual), pooled=self.visual.pooled, notice=self.notice,
+                first_token_s=None if first_at is None else first_at - started,
+                decode_tokens_per_s=(decoded_after_first / (last_at - first_at)
+                                     if first_at and last_at > first_at and decoded_after_first > 0 else None))
+        if self.on_done is not None:
+            self.on_done(self.answer)
+
+
+# ----------------------------------------------------------------------------------------------------- engine
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_llm_dir(llm_dir: Path) -> None:
+    what = (f"{llm_dir} must be a Hugging Face causal-LM folder: config.json, model.safetensors (or a sharded "
+            "model.safetensors.index.json), tokenizer.json/tokenizer_config.json with a chat template")
+    if not llm_dir.is_dir():
+        raise PathflipError(f"LLM folder not found. {what}; give it with --llm DIR or put it in the chat folder "
+                            "as llm/")
+    if not (llm_dir / "config.json").is_file():
+        raise PathflipError(f"config.json missing. {what}")
+    if not any(llm_dir.glob("*.safetensors")):
+        pickles = [p.name for p in llm_dir.glob("*.bin")]
+        hint = (f" (found pickle weights {pickles}: convert them to safetensors; pickles are never loaded)"
+                if pickles else "")
+        raise PathflipError(f"no .safetensors weights{hint}. {what}")
+    if not ((llm_dir / "tokenizer.json").is_file() or (llm_dir / "tokenizer_config.json").is_file()):
+        raise PathflipError(f"tokenizer files missing. {what}")
+
+
+class ChatEngine:
+    """Projector + causal LM + tokenizer + ChatConfig: turns a slide's visual tokens and a conversation into answers.
+
+    `fast=None` picks the fast path (static cache + compiled decode step) on CUDA and the plain path elsewhere;
+    `fast=True` on CPU runs the static-cache loop without compiling. One answer is generated at a time per engine.
+    """
+
+    def __init__(self, llm, tokenizer, config: ChatConfig | None = None, projector: nn.Linear | None = None,
+                 fast: bool | None = None):
+        self.config = config or ChatConfig()
+        self.llm = llm.eval()
+        self.tokenizer = tokenizer
+        hidden = llm.get_input_embeddings().embedding_dim
+        param = next(llm.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if projector is None:
+            projector = nn.Linear(self.config.visual_dim, hidden)
+        if (projector.in_features, projector.out_features) != (self.config.visual_dim, hidden):
+            raise PathflipError(
+                f"the projector maps {projector.in_features} -> {projector.out_features} but the visual dim is "
+                f"{self.config.visual_dim} and the LLM's hidden size {hidden}: the projector belongs to another "
+                "PathFLIP model or LLM; use the matching chat folder or --llm")
+        self.projector = projector.to(self.device, self.dtype).eval()
+        self.fast = self.device.type == "cuda" if fast is None else bool(fast)
+        self.context_tokens = min(self.config.context_tokens,
+                                  getattr(llm.config, "max_position_embeddings", None) or self.config.context_tokens)
+        eos = {tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
+        eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        self.eos_ids = sorted(i for i in eos if i is not None)
+        self._busy = threading.Lock()
+        self._static: _StaticDecoder | None = None
+
+    # -------------------------------------------------------------------------------------------- folders
+    @classmethod
+    def load(cls, folder: str | Path, *, llm_dir: str | Path | None = None, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None, merge: bool = False, fast: bool | None = None) -> ChatEngine:
+        """Load a chat model folder (see the module docstring); `llm_dir` overrides folder/llm; `merge` folds the
+        LoRA adapter into the weights (faster inference, same answers)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(folder)
+        layout = (f"a chat model folder holds {CONFIG_NAME}, {PROJECTOR_NAME}, {LLM_DIR}/ (a Hugging Face causal-LM "
+                  f"folder, or give it with --llm DIR) and optionally {ADAPTER_DIR}/ (a peft LoRA folder)")
+        if not folder.is_dir():
+            raise PathflipError(f"chat model folder {folder} not found: {layout}")
+        for name in (CONFIG_NAME, PROJECTOR_NAME):
+            if not (folder / name).is_file():
+                raise PathflipError(f"{folder} has no {name}: {layout}")
+        config = ChatConfig.load(folder / CONFIG_NAME)
+        llm_dir = Path(llm_dir) if llm_dir is not None else folder / LLM_DIR
+        _check_llm_dir(llm_dir)
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True, trust_remote_code=False)
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True, trust_remote_code=False,
+                                                       use_safetensors=True, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PathflipError(f"cannot load the LLM from {llm_dir}: {exc}") from exc
+        adapter = folder / ADAPTER_DIR
+        if adapter.is_dir():
+            from peft import PeftModel
+
+            if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+                raise PathflipError(f"{adapter} must hold adapter_config.json and adapter_model.safetensors "
+                                    "(a peft LoRA folder saved with save_pretrained); remove it to run without LoRA")
+            llm = PeftModel.from_pretrained(llm, adapter, is_trainable=False)
+            if merge:
+                llm = llm.merge_and_unload()
+        state = load_file(folder / PROJECTOR_NAME)
+        if set(state) != {"weight", "bias"}:
+            raise PathflipError(f"{folder / PROJECTOR_NAME} must hold exactly the tensors 'weight' and 'bias'")
+        projector = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        projector.load_state_dict(state)
+        return cls(llm.to(device), tokenizer, config, projector, fast=fast)
+
+    def save(self, folder: str | Path, include_llm: bool = True) -> Path:
+        """Write the chat model folder. A peft-wrapped LLM is saved as base weights in llm/ plus adapter/."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / CONFIG_NAME)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+                  folder / PROJECTOR_NAME)
+        base, base_state = self.llm, None
+        if hasattr(self.llm, "peft_config"):
+            self.llm.save_pretrained(folder / ADAPTER_DIR)
+            base = self.llm.get_base_model()
+            # the base model still carries the LoRA wrappers: save the original weights under their original names
+            base_state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        if include_llm:
+            base.save_pretrained(folder / LLM_DIR, state_dict=base_state)
+            self.tokenizer.save_pretrained(folder / LLM_DIR)
+        return folder
+
+    # ------------------------------------------------------------------------------------------ building
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def encode_visual(self, visual) -> VisualTokens:
+        """Validate, cap (config.max_visual_tokens, config.pooling) and project a slide's [slide; regions] rows."""
+        if isinstance(visual, VisualTokens):
+            return visual
+        rows = visual_tensor(visual)
+        if rows.shape[1] != self.config.visual_dim:
+            raise PathflipError(f"the slide embeddings are {rows.shape[1]}-d but this chat model expects "
+                                f"{self.config.visual_dim}-d: use the chat weights trained with this PathFLIP model")
+        capped, pooled = cap_visual_tokens(rows, self.config.max_visual_tokens, self.config.pooling)
+        notice = None
+        if pooled:
+            notice = (f"This slide has {rows.shape[0] - 1:,} regions; they were pooled to {capped.shape[0] - 1:,} "
+                      f"region tokens ({self.config.pooling}) to fit the chat model.")
+        with torch.no_grad():
+            embeds = self.projector(capped.to(self.device, self.dtype))
+        return VisualTokens(embeds, rows.shape[0] - 1, pooled, notice)
+
+    def _decoder(self):
+        if not self.fast:
+            return _PlainDecoder(self.llm)
+        if self._static is None:
+            self._static = _StaticDecoder(self.llm, self.context_tokens, compile=self.device.type == "cuda")
+        return self._static
+
+    # ---------------------------------------------------------------------------------------- answering
+    def stream(self, visual, turns: Sequence[Mapping], settings: GenerationSettings | None = None,
+               cancel: threading.Event | None = None,
+               on_done: Callable[[ChatAnswer], None] | None = None) -> AnswerStream:
+        """Answer the last (user) turn of `turns` about `visual`; iterate the result for text pieces."""
+        settings = settings or self.config.generation
+        if not turns or str(turns[-1].get("role", turns[-1].get("from", ""))).lower() not in ("user", "human"):
+            raise PathflipError("the conversation must end with a user turn to answer")
+        last = turns[-1].get("content", turns[-1].get("value", ""))
+        if not isinstance(last, str) or not last.strip():
+            raise PathflipError("the question is empty: type a question about the slide")
+        visual = self.encode_visual(visual)
+        prompt = tokenize_conversation(self.tokenizer, len(visual), turns, self.config, add_generation_prompt=True)
+        room = self.context_tokens - len(prompt)
+        if room < 1:
+            raise PathflipError(
+                f"the input needs {len(prompt):,} tokens ({len(visual):,} visual + {len(prompt) - len(visual):,} "
+                f"text) but the chat model's context holds {self.context_tokens:,}: shorten the question, start a "
+                f"new conversation, or lower max_visual_tokens in {CONFIG_NAME}")
+        notice = visual.notice
+        max_new = settings.max_new_tokens
+        if room < max_new:
+            max_new = room
+            notice = " ".join(filter(None, [notice, f"Only {room} tokens of context are left for the answer."]))
+        return AnswerStream(self, prompt, visual, settings, max_new, notice, cancel, on_done)
+
+    def generate(self, visual, turns: Sequence[Mapping], settings: GenerationSettings | None = None,
+                 cancel: threading.Event | None = None) -> ChatAnswer:
+        return self.stream(visual, turns, settings, cancel).result()
+
+    def conversation(self, visual) -> Conversation:
+        return Conversation(self, visual)
+
+    def warmup(self, visual_len: int = 64, new_tokens: int = 8) -> None:
+        """Run one short answer so the fast path compiles and captures its CUDA graph before the user asks."""
+        visual = torch.zeros(visual_len, self.config.visual_dim)
+        settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        self.generate(visual, [{"role": "user", "content": "warm up"}], settings)
+
+
+class Conversation:
+    """A multi-turn chat about one slide: the image is given once, in the first user turn; answered turns are kept
+    in `history` (cancelled answers are not)."""
+
+    def __init__(self, engine: ChatEngine, visual):
+        self.engine = engine
+        self.visual = engine.encode_visual(visual)
+        self.history: list[dict] = []
+        self._current: AnswerStream | None = None
+
+    @property
+    def notice(self) -> str | None:
+        return self.visual.notice
+
+    def stream(self, question: str, settings: GenerationSettings | None = None) -> AnswerStream:
+        question = (question or "").strip()
+        if not question:
+            raise PathflipError("the question is empty: type a question about the slide")
+        turns = self.history + [{"role": "user", "content": question}]
+
+        def remember(answer: ChatAnswer) -> None:
+            if answer.finish_reason != "cancelled":
+                self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer.text}]
+
+        self._current = self.engine.stream(self.visual, turns, settings, on_done=remember)
+        return self._current
+
+    def ask(self, question: str, settings: GenerationSettings | None = None) -> ChatAnswer:
+        return self.stream(question, settings).result()
+
+    def describe(self, settings: GenerationSettings | None = None) -> ChatAnswer:
+        """Caption the slide (config.caption_prompt)."""
+        return self.ask(self.engine.config.caption_prompt, settings)
+
+    def choice_prompt(self, question: str, options: Mapping[str, str] | Sequence[str]) -> str:
+        return format_choice_prompt(question, options, self.engine.config.choice_instruction)
+
+    def ask_choice(self, question: str, options: Mapping[str, str] | Sequence[str],
+                   settings: GenerationSettings | None = None) -> ChatAnswer:
+        """Multiple-choice VQA: the answer starts with the option letter and a period ("B. Because ...")."""
+        return self.ask(self.choice_prompt(question, options), settings)
+
+    def cancel(self) -> None:
+        if self._current is not None:
+            self._current.cancel()
+
+    def reset(self) -> None:
+        self.history.clear()
