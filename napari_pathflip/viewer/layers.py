@@ -26,8 +26,16 @@ class _TileErrorNotifier:
         show_error(f"{error} Damaged tiles are shown grey.")
 
 
+# napari keeps decoded chunks in an opportunistic dask cache (a fraction of RAM by default); for gigapixel slides
+# that cache is what grows while panning, so the plugin bounds it.
+DASK_CACHE_BYTES = 192 * 2**20
+
+
 def slide_layer_data(slide: Slide, name: str | None = None) -> tuple:
     """A napari LayerData tuple for the slide's multiscale pyramid, in micrometres when the mpp is known."""
+    from napari.utils import resize_dask_cache
+
+    resize_dask_cache(DASK_CACHE_BYTES)
     kwargs = {
         "name": name or slide.name,
         "multiscale": True,
