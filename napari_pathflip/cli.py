@@ -7,9 +7,11 @@ import sys
 
 from .errors import PathflipError
 
-# command -> (module with a `main(argv) -> int`, one-line help)
+# command -> ("module" with a `main(argv) -> int`, or "module:function"; one-line help)
 COMMANDS = {
     "extract": ("napari_pathflip.extraction", "extract patch features of slides into a feature store"),
+    "ground": ("napari_pathflip.analysis:ground_main", "where on the slide is a finding (PNG / NPZ / GeoJSON)"),
+    "classify": ("napari_pathflip.analysis:classify_main", "zero-shot classification of a slide with text prompts"),
 }
 
 
@@ -19,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: pathflip COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
-    module_name, _ = COMMANDS[argv[0]]
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
     try:
-        return importlib.import_module(module_name).main(argv[1:]) or 0
+        return getattr(importlib.import_module(module_name), function or "main")(argv[1:]) or 0
     except PathflipError as exc:
         print(f"pathflip {argv[0]}: {exc}", file=sys.stderr)
         return 2
