@@ -167,3 +167,55 @@ def classify_main(argv: list[str]) -> int:
     probabilities = _analysis(args).classify(args.prompt)
     print(json.dumps({prompt: round(float(p), 4) for prompt, p in zip(args.prompt, probabilities)}, indent=1))
     return 0
+
+
+def default_chat_dir(weights: Path) -> Path:
+    """The chat folder beside the PathFLIP weights (weights/pathflip -> weights/chat)."""
+    return weights.parent / "chat"
+
+
+def _stream_answer(stream) -> None:
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    answer = stream.result()
+    if answer.notice:
+        print(f"[{answer.notice}]")
+
+
+def _chat_engine(args, analysis: SlideAnalysis):
+    from .chat import ChatEngine
+
+    folder = Path(args.chat) if args.chat else default_chat_dir(analysis.weights)
+    device = None if args.device == "auto" else args.device
+    return ChatEngine.load(folder, llm_dir=args.llm, device=device, merge=True)
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    _common_arguments(parser)
+    parser.add_argument("--chat", help="chat folder (projector + LLM + adapter; default: beside the weights)")
+    parser.add_argument("--llm", help="a local causal-LM folder (e.g. Qwen3-0.6B) replacing the chat folder's llm/")
+
+
+def chat_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pathflip chat", description="Ask a question about a slide; the answer "
+                                     "streams. With --option (repeat, in A, B, C, D order) it is multiple choice.")
+    _chat_arguments(parser)
+    parser.add_argument("question")
+    parser.add_argument("--option", action="append", help="a multiple-choice option; repeat per option")
+    args = parser.parse_args(argv)
+    analysis = _analysis(args)
+    conversation = _chat_engine(args, analysis).conversation(analysis.prepare())
+    question = conversation.choice_prompt(args.question, args.option) if args.option else args.question
+    _stream_answer(conversation.stream(question))
+    return 0
+
+
+def caption_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pathflip caption", description="Describe a slide (streamed).")
+    _chat_arguments(parser)
+    args = parser.parse_args(argv)
+    analysis = _analysis(args)
+    engine = _chat_engine(args, analysis)
+    _stream_answer(engine.conversation(analysis.prepare()).stream(engine.config.caption_prompt))
+    return 0

@@ -12,6 +12,8 @@ COMMANDS = {
     "extract": ("napari_pathflip.extraction", "extract patch features of slides into a feature store"),
     "ground": ("napari_pathflip.analysis:ground_main", "where on the slide is a finding (PNG / NPZ / GeoJSON)"),
     "classify": ("napari_pathflip.analysis:classify_main", "zero-shot classification of a slide with text prompts"),
+    "chat": ("napari_pathflip.analysis:chat_main", "ask a question about a slide (streamed answer)"),
+    "caption": ("napari_pathflip.analysis:caption_main", "describe a slide (streamed)"),
 }
 
 

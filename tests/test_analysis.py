@@ -69,3 +69,38 @@ def test_missing_weights_say_where_to_put_them(wsi_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o.png")])
     assert code == 2
     assert "no PathFLIP weights in" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def chat_folder(shared_data, tmp_path_factory):
+    """A tiny random Qwen3-architecture chat model over 32-d slide/region embeddings, saved as a chat folder."""
+    import csv
+
+    from napari_pathflip.chat import ChatConfig, ChatEngine, GenerationSettings
+    from training.tiny_llm import TinyLLMConfig, build_tiny_llm
+
+    with open(shared_data / "slidebench" / "SlideBench-Caption-TCGA.csv", encoding="utf-8-sig", newline="") as f:
+        captions = [row["Caption"] for row in csv.DictReader(f)]
+    torch.manual_seed(0)
+    small = TinyLLMConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=32, intermediate_size=128)
+    model, tokenizer = build_tiny_llm(captions[:200], small)
+    config = ChatConfig(visual_dim=SMALL["embed_dim"], generation=GenerationSettings(max_new_tokens=16))
+    folder = tmp_path_factory.mktemp("chat")
+    ChatEngine(model, tokenizer, config).save(folder)
+    return folder
+
+
+def test_chat_and_caption_stream_answers(weights, chat_folder, wsi_dir, tmp_path, capsys):
+    common = [str(wsi_dir / "CMU-1-Small-Region.svs"), "--weights", str(weights), "--cache", str(tmp_path / "c"),
+              "--chat", str(chat_folder)]
+    assert main(["chat", *common, "Is there necrosis?"]) == 0
+    free = capsys.readouterr().out
+    assert main(["chat", *common, "Which tissue is this?", "--option", "skin", "--option", "lung"]) == 0
+    choice = capsys.readouterr().out
+    assert main(["caption", *common]) == 0
+    caption = capsys.readouterr().out
+    for answer in (free, choice, caption):
+        assert len(answer) > 1 and answer.endswith("\n")  # random weights: some streamed text, then a newline
+    missing = main(["chat", *common[:-2], "--chat", str(tmp_path / "nothing"), "hello"])
+    assert missing == 2 and "chat" in capsys.readouterr().err.lower()
