@@ -28,7 +28,7 @@ class _TileErrorNotifier:
 
 # napari keeps decoded chunks in an opportunistic dask cache (a fraction of RAM by default); for gigapixel slides
 # that cache is what grows while panning, so the plugin bounds it.
-DASK_CACHE_BYTES = 192 * 2**20
+DASK_CACHE_BYTES = 128 * 2**20
 
 
 def slide_layer_data(slide: Slide, name: str | None = None) -> tuple:
