@@ -175,7 +175,7 @@ def test_cli_vqa_end_to_end(tmp_path, vqa_csv):
     failed = subprocess.run([sys.executable, "-m", "training", "evaluate", "vqa", "--questions", str(vqa_csv),
                              "--predictions", str(tmp_path / "bad.csv")], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert failed.returncode == 2 and "needs columns ID,response" in failed.stderr and not failed.stdout
+    assert failed.returncode == 2 and "needs the columns ID, response" in failed.stderr and not failed.stdout
 
 
 def _run(capsys, *argv):

@@ -17,7 +17,6 @@ A missing prediction counts as wrong (VQA) or as an empty caption (captions); th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -26,26 +25,17 @@ import numpy as np
 
 from napari_pathflip.errors import PathflipError
 from training import metrics
-from training.sources import read_vqa_csv
+from training.sources import read_csv_rows, read_vqa_csv
 
 
 def _read_table(path: str, key: str, value: str) -> dict[str, str]:
     """Two columns of a CSV as {key: value}; duplicate keys are an error (which one would count?)."""
-    path_ = Path(path)
-    if not path_.is_file():
-        raise PathflipError(f"CSV file not found: {path_}. Check the path.")
-    with path_.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if key not in columns or value not in columns:
-            raise PathflipError(f"{path_} needs columns {key},{value} (found: {', '.join(columns) or 'none'}).")
-        table: dict[str, str] = {}
-        for row in reader:
-            row = {k.strip(): v for k, v in row.items() if k is not None}
-            ident = (row[key] or "").strip()
-            if ident in table:
-                raise PathflipError(f"{path_}: {key} {ident!r} appears twice. Keep one row per {key}.")
-            table[ident] = row[value] or ""
+    table: dict[str, str] = {}
+    for row in read_csv_rows(path, (key, value)):
+        ident = row[key].strip()
+        if ident in table:
+            raise PathflipError(f"{path}: {key} {ident!r} appears twice. Keep one row per {key}.")
+        table[ident] = row[value]
     return table
 
 

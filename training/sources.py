@@ -71,7 +71,7 @@ def format_choice_question(question: str, options: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
+def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise PathflipError(f"CSV file not found: {path}. Check the path.")
@@ -91,7 +91,7 @@ def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]
 def read_caption_csv(path: str | Path) -> list[Record]:
     """SlideBench caption CSV (ID, Slide, Tumor, Question, Caption) -> one caption record per row."""
     records = []
-    for row in _read_csv(path, CAPTION_COLUMNS):
+    for row in read_csv_rows(path, CAPTION_COLUMNS):
         if not row["Caption"].strip():
             raise PathflipError(f"{path}: row ID {row['ID']} has an empty Caption. Fill it in or remove the row.")
         records.append(Record(id=row["ID"].strip(), slide=row["Slide"].strip(),
@@ -103,7 +103,7 @@ def read_caption_csv(path: str | Path) -> list[Record]:
 def read_vqa_csv(path: str | Path) -> list[Record]:
     """SlideBench VQA CSV -> one multiple-choice record per row; the answer turn is the option letter."""
     records = []
-    for row in _read_csv(path, VQA_COLUMNS):
+    for row in read_csv_rows(path, VQA_COLUMNS):
         options = tuple(row[letter].strip() for letter in OPTION_LETTERS)
         present = [letter for letter, text in zip(OPTION_LETTERS, options) if text]
         answer = row["Answer"].strip()
