@@ -82,7 +82,7 @@ def test_workspace_widget_describes_selected_slide(viewer, wsi_dir, qtbot):
     assert "No slide" in widget.status.text()
     viewer.open(str(wsi_dir / "CMU-1-Small-Region.svs"), plugin=PLUGIN)
     qtbot.waitUntil(lambda: "2220 x 2967" in widget.status.text(), timeout=3000)
-    assert "0.499 um/px (file)" in widget.status.text()
+    assert "0.499 um/px (file)" in widget.status.text() and "objective: 20x" in widget.status.text()
     widget.open_demo.click()
     assert "PathFLIP demo slide" in viewer.layers
 

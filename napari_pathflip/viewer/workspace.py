@@ -44,7 +44,8 @@ class Workspace(QWidget):
             return
         w, h = info["dimensions"]
         mpp = f"{info['mpp'][0]:.3f} um/px ({info['mpp_source']})" if info["mpp"] else "unknown: pixel units"
+        power = f"{info['objective_power']:g}x" if info["objective_power"] else "not recorded in the file"
         self.status.setText(
             f"<b>{layer.name}</b><br>{w} x {h} px, {len(info['level_dimensions'])} levels "
-            f"({info['native_levels']} in the file)<br>mpp: {mpp}<br>objective: {info['objective_power'] or '?'}x"
+            f"({info['native_levels']} in the file)<br>mpp: {mpp}<br>objective: {power}"
         )
