@@ -41,6 +41,7 @@ class Encoder:
     def __init__(self):
         self.device = torch.device("cpu")
         self._loaded = False
+        self._model: torch.nn.Module | None = None  # weight-backed encoders set it in _load
 
     def prepare(self, device: str | torch.device = "cpu", channels_last: bool = False) -> Encoder:
         """Load weights (once) and move them to `device`, in eval mode."""
@@ -57,7 +58,7 @@ class Encoder:
 
     @property
     def module(self) -> torch.nn.Module | None:
-        return None
+        return self._model
 
     def _load(self) -> None:
         pass
@@ -293,11 +294,6 @@ class HFVisionEncoder(Encoder):
             self.mean, self.std = tuple(p.get("image_mean", IMAGENET_MEAN)), tuple(p.get("image_std", IMAGENET_STD))
         digest = hashlib.sha256((self.folder / "config.json").read_bytes()).hexdigest()[:8]
         self.encoder_id = f"hf-{self.folder.name}-{digest}-{_file_digest(weights)}-{pooling}"
-        self._model = None
-
-    @property
-    def module(self):
-        return self._model
 
     def _load(self) -> None:
         from transformers import AutoModel
@@ -308,7 +304,7 @@ class HFVisionEncoder(Encoder):
             raise PathflipError(f"cannot load the vision model in {self.folder}: {exc}") from exc
 
     def preprocess(self, patches):
-        x = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        x = super().preprocess(patches)
         return _resize_crop_normalize(x, self.size, self.crop, self.mean, self.std)
 
     @torch.inference_mode()
@@ -344,11 +340,6 @@ class TimmEncoder(Encoder):
         self.dim = int(self.config.get("num_features", 0))  # exact value known after loading
         digest = hashlib.sha256(config_path.read_bytes()).hexdigest()[:8]
         self.encoder_id = f"timm-{self.config['architecture']}-{digest}-{_file_digest(weights)}"
-        self._model = None
-
-    @property
-    def module(self):
-        return self._model
 
     def _load(self) -> None:
         try:
@@ -373,7 +364,7 @@ class TimmEncoder(Encoder):
         self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
 
     def preprocess(self, patches):
-        x = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        x = super().preprocess(patches)
         return _resize_crop_normalize(x, self.size, self.crop, self.mean, self.std, self.mode)
 
     @torch.inference_mode()
@@ -409,11 +400,6 @@ class ConchEncoder(Encoder):
             )
         self.allow_pickle = allow_pickle
         self.encoder_id = f"conch-vitb16-{_file_digest(self.checkpoint)}"
-        self._model = None
-
-    @property
-    def module(self):
-        return self._model
 
     def _load(self) -> None:
         try:
@@ -437,7 +423,7 @@ class ConchEncoder(Encoder):
         self._model = model
 
     def preprocess(self, patches):
-        x = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        x = super().preprocess(patches)
         return _resize_crop_normalize(x, self.SIZE, self.SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     @torch.inference_mode()
