@@ -4,30 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from napari_pathflip.cli import main
-from napari_pathflip.encoders import BuiltinEncoder
-from napari_pathflip.model import PathFLIP, PathFLIPConfig
-from napari_pathflip.model.modeling import default_bert_dir
-
-SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, embed_dim=32, vision_width=32,
-             mixer_heads=4, mixer_ffn=64, text_region_heads=4)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A small randomly initialised PathFLIP over built-in encoder features, saved and reloaded like real weights."""
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(default_bert_dir()), local_files_only=True)
-    model = PathFLIP(PathFLIPConfig(patch_dim=BuiltinEncoder().dim, **SMALL), tokenizer)
-    folder = tmp_path_factory.mktemp("weights")
-    model.save_pretrained(folder)
-    (folder / "encoder.json").write_text(json.dumps({"encoder": "builtin"}))
-    return folder
-
 
 def test_ground_writes_geojson_npz_png_from_one_cached_encoding(weights, wsi_dir, tmp_path, capsys):
     slide = str(wsi_dir / "CMU-1-Small-Region.svs")
@@ -69,26 +48,6 @@ def test_missing_weights_say_where_to_put_them(wsi_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o.png")])
     assert code == 2
     assert "no PathFLIP weights in" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def chat_folder(shared_data, tmp_path_factory):
-    """A tiny random Qwen3-architecture chat model over 32-d slide/region embeddings, saved as a chat folder."""
-    import csv
-
-    from napari_pathflip.chat import ChatConfig, ChatEngine, GenerationSettings
-    from training.tiny_llm import TinyLLMConfig, build_tiny_llm
-
-    with open(shared_data / "slidebench" / "SlideBench-Caption-TCGA.csv", encoding="utf-8-sig", newline="") as f:
-        captions = [row["Caption"] for row in csv.DictReader(f)]
-    torch.manual_seed(0)
-    small = TinyLLMConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=32, intermediate_size=128)
-    model, tokenizer = build_tiny_llm(captions[:200], small)
-    config = ChatConfig(visual_dim=SMALL["embed_dim"], generation=GenerationSettings(max_new_tokens=16))
-    folder = tmp_path_factory.mktemp("chat")
-    ChatEngine(model, tokenizer, config).save(folder)
-    return folder
 
 
 def test_chat_and_caption_stream_answers(weights, chat_folder, wsi_dir, tmp_path, capsys):
