@@ -7,6 +7,9 @@ import sys
 
 COMMANDS = {
     "synthetic": ("training.synthetic", "generate synthetic whole-slide images with masks, captions and questions"),
+    "instruct": ("training.instruct", "instruction-tune projector + LoRA LLM into a chat folder; `instruct eval`"),
+    "corpus": ("training.data", "build a synthetic split: features, captions, VQA, instructions, truth"),
+    "align": ("training.align", "alignment pretraining of PathFLIP (slide and region losses)"),
     "evaluate": ("training.evaluate", "evaluate retrieval, zero-shot, VQA, captions, grounding"),
 }
 

@@ -11,6 +11,8 @@ Tasks and their inputs:
              `*_query` says which query (text x slide) a row belongs to. A float truth is the fraction of the item
              inside the finding's mask and is thresholded with --region-min-overlap / --patch-min-overlap.
              Either level may be absent.
+  alignment  --weights DIR --split DIR: runs the PathFLIP weights on a split folder (`python -m training corpus`)
+             and reports retrieval among its slides, zero-shot presence and grounding (see training.synth_eval).
 A missing prediction counts as wrong (VQA) or as an empty caption (captions); the IDs are listed in the output.
 """
 
@@ -116,6 +118,12 @@ def _grounding(args) -> dict:
     return metrics.grounding_metrics(**levels)
 
 
+def _alignment(args) -> dict:
+    from training.synth_eval import evaluate_alignment
+
+    return evaluate_alignment(args.weights, args.split, device=args.device, max_slides=args.max_slides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     grounding.add_argument("--region-min-overlap", type=float, default=defaults.region_min_overlap)
     grounding.add_argument("--patch-min-overlap", type=float, default=defaults.patch_min_overlap)
     grounding.set_defaults(run=_grounding)
+    alignment = tasks.add_parser("alignment", help="retrieval, zero-shot and grounding of PathFLIP weights on a split")
+    alignment.add_argument("--weights", required=True, help="PathFLIP weights folder")
+    alignment.add_argument("--split", required=True, help="split folder: features/, captions.csv, truth/")
+    alignment.add_argument("--device", default="cpu")
+    alignment.add_argument("--max-slides", type=int, help="evaluate only the first N slides")
+    alignment.set_defaults(run=_alignment)
     return parser
 
 

@@ -1,0 +1,570 @@
+"""The chat dock: talk with the analysed slide through the chat model beside its PathFLIP weights.
+
+The dock only calls the core (`ChatEngine`, `Conversation`, `SlideAnalysis.prepare`). Model loading and every answer
+run in napari thread workers; the GUI thread only moves text into the transcript. The transcript is kept as a list of
+turns and rendered as Markdown, so what is shown, copied and saved is the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from qtpy.QtCore import QTimer, Signal
+from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..analysis import default_chat_dir
+from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings
+from ..errors import PathflipError
+
+log = logging.getLogger(__name__)
+
+USER, ASSISTANT = "You", "PathFLIP"
+OPTION_LETTERS = "ABCD"
+# Qt's default line limit (32,767) would cut a pasted report silently; the engine says when input is too long.
+MAX_INPUT_CHARS = 1_000_000
+RENDER_INTERVAL_MS = 30  # streamed pieces are coalesced into one repaint per interval (a fast GPU gives ~300/s)
+NO_SLIDE_HINT = "Analyse a slide in the PathFLIP workspace to chat about it."
+TRAIN_HINT = "train one with `python -m training demo` or pick a chat folder under Chat model"
+ENDINGS = {"cancelled": "*(stopped)*", "length": "*(answer cut at the token limit: raise Max tokens for more)*"}
+
+
+@dataclasses.dataclass
+class Turn:
+    role: str  # USER or ASSISTANT
+    text: str
+    ending: str = ""  # "" while streaming or after a normal end, else a key of ENDINGS
+    streaming: bool = False
+
+
+def _quote(text: str) -> str:
+    """A user turn as a Markdown block quote with its line breaks kept (hard breaks)."""
+    return "\n".join(f"> {line}  " if line.strip() else ">" for line in text.strip().splitlines())
+
+
+def turns_markdown(turns: list[Turn], cursor: bool = False) -> str:
+    parts = []
+    for turn in turns:
+        if turn.role == USER:
+            parts.append(f"**{USER}:**\n\n{_quote(turn.text)}")
+        else:
+            body = turn.text.strip() or ("" if turn.streaming else "*(empty answer)*")
+            if turn.streaming and cursor:
+                body += " \u258d"  # a text cursor while the answer streams
+            if turn.ending:
+                body = f"{body}\n\n{ENDINGS[turn.ending]}"
+            parts.append(f"**{ASSISTANT}:**\n\n{body}")
+    return "\n\n---\n\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------- worker functions
+@dataclasses.dataclass
+class _Failed:
+    """A worker's failure, returned rather than raised (the dock turns it into a notification and stays usable;
+    superqt would treat a returned exception object as a crash)."""
+    error: Exception
+
+
+def _load_chat(analysis, folder: Path, llm_dir: Path | None, device: str | None, engine: ChatEngine | None):
+    """Worker: the engine (reused when given), the slide encoding shared with Localize, a new conversation."""
+    try:
+        if engine is None:
+            engine = ChatEngine.load(folder, llm_dir=llm_dir, device=device, merge=True)
+            if engine.fast:  # compile and capture the CUDA graph now, not on the user's first question
+                engine.warmup()
+        return engine, engine.conversation(analysis.prepare())
+    except Exception as exc:
+        return _Failed(exc)
+
+
+def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event):
+    """Worker generator: text pieces of one answer, then returns the ChatAnswer (or _Failed)."""
+    try:
+        stream = conversation.stream(prompt, settings)
+        if stop.is_set():
+            stream.cancel()
+        for piece in stream:
+            if stop.is_set():  # seen before the next token is decoded
+                stream.cancel()
+            yield piece
+        return stream.answer
+    except Exception as exc:
+        return _Failed(exc)
+
+
+def _unless_deleted(slot):
+    """Worker results can arrive after the viewer closed and Qt deleted the dock: drop them then."""
+    @functools.wraps(slot)
+    def guarded(self, *args):
+        try:
+            self.objectName()  # raises RuntimeError once the C++ widget is gone
+        except RuntimeError:
+            return None
+        return slot(self, *args)
+    return guarded
+
+
+def _user_message(exc: Exception) -> str:
+    if isinstance(exc, PathflipError):
+        return str(exc)
+    if "out of memory" in str(exc).lower():
+        return (f"the chat model ran out of memory ({exc}); use a smaller LLM, lower max_visual_tokens in "
+                f"{CONFIG_NAME}, or run on the CPU")
+    log.error("chat failed", exc_info=exc)
+    return f"chat failed: {type(exc).__name__}: {exc}"
+
+
+def _foldable(title: str) -> tuple[QGroupBox, QFormLayout]:
+    """A group box whose check box folds its form away (folded at first), so the transcript keeps the room."""
+    box, panel = QGroupBox(title), QWidget()
+    box.setCheckable(True)
+    box.setChecked(False)
+    form = QFormLayout(panel)
+    form.setContentsMargins(0, 0, 0, 0)
+    QVBoxLayout(box).addWidget(panel)
+    panel.setVisible(False)
+    box.toggled.connect(panel.setVisible)
+    return box, form
+
+
+class ChatDock(QWidget):
+    """Multi-turn chat about the analysed slide. `set_analysis(analysis)` when a slide is analysed, None when it goes.
+
+    Signals: `streamed(str)` for each text piece as it arrives, `answered(object)` with the ChatAnswer when an answer
+    ends (also when stopped), `ready(bool)` when the dock becomes able (or unable) to answer.
+    """
+
+    streamed = Signal(str)
+    answered = Signal(object)
+    ready = Signal(bool)
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.generation: GenerationSettings | None = None  # base settings; None = the chat folder's defaults
+        self._analysis = None
+        self._engine: tuple[tuple, ChatEngine] | None = None  # (key, engine): loaded once per chat folder
+        self._conversation = None
+        self._chat_folder: Path | None = None
+        self._llm_folder: Path | None = None
+        self._turns: list[Turn] = []
+        self._load_serial = 0
+        self._loading = False
+        self._worker = None  # the answer being generated
+        self._stop = threading.Event()
+        self._reset_when_idle = False
+        self._build()
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(RENDER_INTERVAL_MS)
+        self._render_timer.timeout.connect(self._render)
+        self._refresh(NO_SLIDE_HINT)
+
+    # ------------------------------------------------------------------------------------------- layout
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.transcript = QTextBrowser()
+        self.transcript.setOpenExternalLinks(True)
+        self.transcript.setPlaceholderText("The conversation appears here.")
+
+        self.question = QLineEdit()
+        self.question.setMaxLength(MAX_INPUT_CHARS)
+        self.question.returnPressed.connect(self.send)
+        self.send_button = QPushButton("Send")
+        self.send_button.clicked.connect(self.send)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop generating this answer")
+        self.stop_button.clicked.connect(self.stop)
+        ask_row = QHBoxLayout()
+        for widget in (self.question, self.send_button, self.stop_button):
+            ask_row.addWidget(widget)
+
+        self.describe_button = QPushButton("Describe slide")
+        self.describe_button.setToolTip("Ask the model for a caption: diagnosis and key findings")
+        self.describe_button.clicked.connect(self.describe)
+        self.new_button = QPushButton("New chat")
+        self.new_button.clicked.connect(self.new_chat)
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.setToolTip("Copy the transcript (Markdown) to the clipboard")
+        self.copy_button.clicked.connect(self.copy_transcript)
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Save the transcript as a Markdown file")
+        self.save_button.clicked.connect(lambda: self.save_transcript())
+        action_row = QHBoxLayout()
+        for widget in (self.describe_button, self.new_button, self.copy_button, self.save_button):
+            action_row.addWidget(widget)
+
+        self.choice_box, choice_form = _foldable("Multiple choice")
+        self.choice_question = QLineEdit()
+        self.choice_question.setPlaceholderText("e.g. What is the most likely diagnosis?")
+        choice_form.addRow("Question", self.choice_question)
+        self.choice_options = {}
+        for letter in OPTION_LETTERS:
+            self.choice_options[letter] = QLineEdit()
+            choice_form.addRow(letter, self.choice_options[letter])
+        self.choice_button = QPushButton("Ask (answer starts with the letter)")
+        self.choice_button.clicked.connect(self.ask_choice)
+        choice_form.addRow(self.choice_button)
+
+        self.model_box, model_form = _foldable("Chat model")
+        self.chat_folder_edit, chat_row = self._folder_row("default: beside the weights", self.set_chat_folder)
+        self.llm_folder_edit, llm_row = self._folder_row("default: llm/ in the chat folder", self.set_llm_folder)
+        self.llm_folder_edit.setToolTip("A Hugging Face causal-LM folder (e.g. Qwen3-0.6B) to use instead of the "
+                                        "chat folder's llm/; the projector must match its hidden size")
+        model_form.addRow("Chat folder", chat_row)
+        model_form.addRow("LLM folder", llm_row)
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(1, 8192)
+        self.max_tokens.setValue(GenerationSettings().max_new_tokens)
+        self.sample = QCheckBox("Sample")
+        self.sample.setToolTip("Sample with the chat folder's temperature and top-p instead of greedy decoding")
+        settings_row = QHBoxLayout()
+        settings_row.addWidget(self.max_tokens)
+        settings_row.addWidget(self.sample)
+        model_form.addRow("Max tokens", settings_row)
+
+        layout.addWidget(self.status)
+        layout.addWidget(self.transcript, stretch=1)
+        layout.addLayout(ask_row)
+        layout.addLayout(action_row)
+        layout.addWidget(self.choice_box)
+        layout.addWidget(self.model_box)
+
+    def _folder_row(self, placeholder: str, apply) -> tuple[QLineEdit, QHBoxLayout]:
+        edit = QLineEdit()
+        edit.setPlaceholderText(placeholder)
+        edit.editingFinished.connect(lambda: apply(edit.text().strip() or None))
+        browse = QPushButton("…")
+        browse.setToolTip("Pick a folder")
+
+        def pick():
+            folder = QFileDialog.getExistingDirectory(self, "Pick a folder", edit.text())
+            if folder:
+                edit.setText(folder)
+                apply(folder)
+
+        browse.clicked.connect(pick)
+        row = QHBoxLayout()
+        row.addWidget(edit)
+        row.addWidget(browse)
+        return edit, row
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def busy(self) -> bool:
+        """An answer is being generated."""
+        return self._worker is not None
+
+    @property
+    def conversation(self):
+        """The current Conversation (None until the chat model and the slide encoding are loaded)."""
+        return self._conversation
+
+    @property
+    def engine(self) -> ChatEngine | None:
+        """The loaded chat engine (kept while the chat folder stays the same)."""
+        return self._engine[1] if self._engine is not None else None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._conversation is not None and not self.busy
+
+    def _refresh(self, status: str | None = None) -> None:
+        if status is not None:
+            self.status.setText(status)
+        can_ask = self.is_ready
+        for widget in (self.question, self.send_button, self.describe_button, self.choice_box):
+            widget.setEnabled(can_ask)
+        self.stop_button.setEnabled(self.busy)
+        for widget in (self.copy_button, self.save_button):
+            widget.setEnabled(bool(self._turns))
+        self.new_button.setEnabled(bool(self._turns) or self.busy)
+        default = default_chat_dir(self._analysis.weights) if self._analysis is not None else None
+        self.chat_folder_edit.setPlaceholderText(f"default: {default}" if default else "default: beside the weights")
+        self.chat_folder_edit.setToolTip(self.chat_folder_edit.placeholderText())
+        if self._analysis is None:
+            self.question.setPlaceholderText(NO_SLIDE_HINT)
+        elif self._conversation is None:
+            self.question.setPlaceholderText("The chat model is not loaded.")
+        else:
+            self.question.setPlaceholderText("Ask about the slide, press Enter")
+        self.ready.emit(can_ask)
+
+    # --------------------------------------------------------------------------------- analysis / model
+    def set_analysis(self, analysis) -> None:
+        """Chat about `analysis` (a SlideAnalysis whose prepare() has run or is cached); None disables the dock."""
+        if analysis is self._analysis and (self._conversation is not None or self._loading):
+            return
+        self._analysis = analysis
+        self._reload()
+
+    def set_chat_folder(self, folder: str | Path | None) -> None:
+        """Use this chat folder instead of the one beside the weights (None: back to the default)."""
+        folder = Path(folder).expanduser() if folder else None
+        if folder != self._chat_folder:
+            self._chat_folder = folder
+            self.chat_folder_edit.setText(str(folder) if folder else "")
+            self._reload()
+
+    def set_llm_folder(self, folder: str | Path | None) -> None:
+        """Use this causal-LM folder (e.g. Qwen3-0.6B) instead of the chat folder's llm/ (None: back to it)."""
+        folder = Path(folder).expanduser() if folder else None
+        if folder != self._llm_folder:
+            self._llm_folder = folder
+            self.llm_folder_edit.setText(str(folder) if folder else "")
+            self._reload()
+
+    def chat_folder(self) -> Path | None:
+        """The chat folder in use: the override, else the one beside the analysed slide's weights."""
+        if self._chat_folder is not None:
+            return self._chat_folder
+        return default_chat_dir(self._analysis.weights) if self._analysis is not None else None
+
+    def _reload(self) -> None:
+        """A new conversation for the current slide and chat folder (a new slide starts a new transcript)."""
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        self.stop()
+        self._conversation = None
+        self._load_serial += 1
+        self._loading = False
+        self._clear_turns()
+        if self._analysis is None:
+            self._refresh(NO_SLIDE_HINT)
+            return
+        folder = self.chat_folder()
+        if not (folder / CONFIG_NAME).is_file():
+            message = f"No chat model in {folder}: {TRAIN_HINT}."
+            show_error(message)
+            self.model_box.setChecked(True)
+            self._refresh(message)
+            return
+        device = None if self._analysis.device == "auto" else self._analysis.device
+        key = (folder.resolve(), self._llm_folder.resolve() if self._llm_folder else None, device)
+        engine = self._engine[1] if self._engine is not None and self._engine[0] == key else None
+        serial, self._loading = self._load_serial, True
+        self._refresh(f"Loading the chat model from {folder}…" if engine is None else "Starting a conversation…")
+        create_worker(_load_chat, self._analysis, folder, self._llm_folder, device, engine,
+                      _connect={"returned": lambda result: self._loaded(serial, key, result),
+                                "finished": lambda: self._load_ended(serial)},
+                      _progress={"desc": "Loading the PathFLIP chat model"} if engine is None else None,
+                      _ignore_errors=True)
+
+    @_unless_deleted
+    def _loaded(self, serial: int, key: tuple, result) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        if serial != self._load_serial:  # the slide or folder changed while loading
+            return
+        self._loading = False
+        if isinstance(result, _Failed):
+            message = f"Cannot load the chat model: {_user_message(result.error)}"
+            show_error(message)
+            self.model_box.setChecked(True)
+            self._refresh(message)
+            return
+        engine, self._conversation = result
+        self._engine = (key, engine)
+        base = self.generation or engine.config.generation
+        self.max_tokens.setValue(base.max_new_tokens)
+        self.sample.setChecked(base.do_sample)
+        visual = self._conversation.visual
+        llm = type(engine.llm).__name__
+        self._refresh(f"Chatting about <b>{Path(self._analysis.slide_path).name}</b> with {key[0].name} "
+                      f"({llm}, {engine.device.type}, {len(visual)} visual tokens).")
+        if self._conversation.notice:
+            show_info(self._conversation.notice)
+
+    @_unless_deleted
+    def _load_ended(self, serial: int) -> None:
+        if serial == self._load_serial and self._loading:  # cancelled from napari's task list: no result came
+            self._loading = False
+            self._refresh("Loading the chat model was cancelled; pick the chat folder again to retry.")
+
+    # ------------------------------------------------------------------------------------------ asking
+    def settings(self) -> GenerationSettings:
+        """The generation settings of the next answer: the base settings with the dock's controls applied."""
+        base = self.generation or (self._engine[1].config.generation if self._engine else GenerationSettings())
+        return dataclasses.replace(base, max_new_tokens=self.max_tokens.value(), do_sample=self.sample.isChecked())
+
+    def send(self, text: str | None = None) -> bool:
+        """Ask `text` (default: the input line). Returns whether an answer started."""
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_info
+
+        from_input = text is None or text is False  # Qt's clicked(bool) passes False
+        text = (self.question.text() if from_input else text).strip()
+        if self._conversation is None:
+            show_info(NO_SLIDE_HINT if self._analysis is None else self.status.text())
+            return False
+        if self.busy:
+            show_info("An answer is still being generated: press Stop or wait for it.")
+            return False
+        if not text:
+            show_info("Type a question about the slide first.")
+            return False
+        if from_input:
+            self.question.clear()
+        user, answer = Turn(USER, text), Turn(ASSISTANT, "", streaming=True)
+        self._turns += [user, answer]
+        self._stop = stop = threading.Event()
+        self.destroyed.connect(stop.set)  # a closed dock stops its answer
+        self._worker = create_worker(_answer, self._conversation, text, self.settings(), stop,
+                                     _connect={"yielded": lambda piece: self._piece(answer, piece),
+                                               "returned": lambda result: self._finished(user, answer, result),
+                                               "finished": lambda: self._idle(answer)},
+                                     _ignore_errors=True)
+        self._refresh()
+        self._render()
+        return True
+
+    def describe(self) -> bool:
+        """Ask for the slide's caption (the chat folder's caption prompt)."""
+        if self._conversation is None:
+            return self.send("")  # explains why nothing happens
+        return self.send(self._conversation.engine.config.caption_prompt)
+
+    def ask_choice(self) -> bool:
+        """Multiple-choice question from the form: the prompt lists the options and asks for the letter first."""
+        from napari.utils.notifications import show_info
+
+        if self._conversation is None:
+            return self.send("")
+        options = {letter: edit.text() for letter, edit in self.choice_options.items()}
+        try:
+            prompt = self._conversation.choice_prompt(self.choice_question.text(), options)
+        except PathflipError as exc:
+            show_info(str(exc))
+            return False
+        return self.send(prompt)
+
+    def stop(self) -> None:
+        """Stop the answer being generated; the part already streamed stays in the transcript, marked stopped."""
+        self._stop.set()
+
+    @_unless_deleted
+    def _piece(self, turn: Turn, piece: str) -> None:
+        turn.text += piece
+        if turn in self._turns:
+            self.streamed.emit(piece)
+            if not self._render_timer.isActive():
+                self._render_timer.start()
+
+    @_unless_deleted
+    def _finished(self, user: Turn, turn: Turn, result) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        turn.streaming = False
+        current = turn in self._turns
+        if isinstance(result, _Failed):
+            if current:  # the question was not answered: take it back to the input line to edit it
+                self._turns = [t for t in self._turns if t is not user and t is not turn]
+                if not self.question.text():
+                    self.question.setText(user.text)
+            show_error(_user_message(result.error))
+        else:
+            turn.text = result.text  # the final decode (the stream may end inside a multi-byte character)
+            turn.ending = result.finish_reason if result.finish_reason in ENDINGS else ""
+            notice = (result.notice or "").replace(self._conversation.notice or "", "").strip() \
+                if self._conversation is not None else ""
+            if notice and current:
+                show_info(notice)
+            if current:
+                self.answered.emit(result)
+
+    @_unless_deleted
+    def _idle(self, turn: Turn) -> None:
+        """The answer's worker ended (after `_finished`, or without a result when cancelled from napari's task list)."""
+        self._worker = None
+        if turn.streaming:
+            turn.streaming, turn.ending = False, "cancelled"
+        if self._reset_when_idle and self._conversation is not None:
+            self._conversation.reset()
+        self._reset_when_idle = False
+        self._render()
+        self._refresh()
+
+    # -------------------------------------------------------------------------------------- transcript
+    def _clear_turns(self) -> None:
+        self._turns = []
+        self._render()
+
+    def new_chat(self) -> None:
+        """Forget the conversation (history and transcript); the model and the slide stay loaded."""
+        if self.busy:
+            self.stop()
+            self._reset_when_idle = True  # the answer may still land in the history while it stops
+        elif self._conversation is not None:
+            self._conversation.reset()
+        self._clear_turns()
+        self._refresh()
+
+    def transcript_markdown(self, header: bool = True) -> str:
+        """The conversation as Markdown; with `header`, a title naming the slide, the models and the date."""
+        body = turns_markdown(self._turns)
+        if not header:
+            return body
+        lines = ["# PathFLIP chat", ""]
+        if self._analysis is not None:
+            lines.append(f"- Slide: `{self._analysis.slide_path}`")
+            lines.append(f"- PathFLIP weights: `{self._analysis.weights}`")
+        if self.chat_folder() is not None:
+            lines.append(f"- Chat model: `{self.chat_folder()}`" + (f", LLM `{self._llm_folder}`"
+                                                                     if self._llm_folder else ""))
+        lines += [f"- Saved: {datetime.now().isoformat(timespec='seconds')}", "", body]
+        return "\n".join(lines)
+
+    def copy_transcript(self) -> None:
+        from napari.utils.notifications import show_info
+
+        QApplication.clipboard().setText(self.transcript_markdown())
+        show_info("Transcript copied to the clipboard (Markdown).")
+
+    def save_transcript(self, path: str | Path | None = None) -> Path | None:
+        """Write the transcript as Markdown to `path` (asks for a file name when None); returns the path written."""
+        from napari.utils.notifications import show_error, show_info
+
+        if path is None:
+            stem = Path(self._analysis.slide_path).stem if self._analysis is not None else "chat"
+            path, _ = QFileDialog.getSaveFileName(self, "Save the chat transcript", f"{stem}-chat.md",
+                                                  "Markdown (*.md)")
+            if not path:
+                return None
+        path = Path(path)
+        if path.suffix.lower() not in (".md", ".markdown"):
+            path = path.with_name(path.name + ".md")
+        try:
+            path.write_text(self.transcript_markdown(), encoding="utf-8")
+        except OSError as exc:
+            show_error(f"Cannot save the transcript to {path}: {exc}. Pick another folder.")
+            return None
+        show_info(f"Transcript saved to {path}")
+        return path
+
+    def _render(self) -> None:
+        bar = self.transcript.verticalScrollBar()
+        at_end = bar.value() >= bar.maximum() - 4
+        position = bar.value()
+        self.transcript.setMarkdown(turns_markdown(self._turns, cursor=True) if self._turns else "")
+        bar.setValue(bar.maximum() if at_end else position)  # follow the answer unless the user scrolled up

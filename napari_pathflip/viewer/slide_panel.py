@@ -1,0 +1,269 @@
+"""The slide panel: which slide is analysed, with which weights/encoder/device, and the Analyze step.
+
+Analyze = `SlideAnalysis.prepare` (patch features, then the slide encoding, both cached on disk) in a napari
+thread_worker, with napari progress and Cancel; `analysis_changed` carries the ready SlideAnalysis (or None when the
+analysed slide layer goes away) to Localize and the chat dock.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                            QProgressBar, QPushButton, QVBoxLayout)
+
+from ..analysis import ENCODER_FILE, SlideAnalysis, default_cache_dir, default_weights_dir
+from ..encoders import ENCODER_HELP
+from ..errors import PathflipError
+from .tasks import notify_error, run_in_background
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def slide_info(layer) -> dict | None:
+    """The slide description viewer/layers.py stores on a slide layer, or None for other layers."""
+    return getattr(layer, "metadata", {}).get("pathflip_slide") if layer is not None else None
+
+
+def describe_slide(name: str, info: dict) -> str:
+    w, h = info["dimensions"]
+    mpp = f"{info['mpp'][0]:.3f} um/px ({info['mpp_source']})" if info["mpp"] else "unknown: pixel units"
+    power = f"{info['objective_power']:g}x" if info["objective_power"] else "not recorded in the file"
+    return (f"<b>{name}</b><br>{w} x {h} px, {len(info['level_dimensions'])} levels "
+            f"({info['native_levels']} in the file)<br>mpp: {mpp}<br>objective: {power}")
+
+
+def _analyse(slide_path, weights, cache_dir, encoder, device, progress, cancel) -> SlideAnalysis:
+    """Worker body: load the weights, move the model to the device, extract + encode (or read both caches)."""
+    from ..extraction import resolve_device
+
+    analysis = SlideAnalysis(slide_path, weights, cache_dir, encoder or None, device)
+    analysis.model.to(resolve_device(device))
+    analysis.prepare(progress=progress, cancel=cancel)
+    return analysis
+
+
+class SlidePanel(QGroupBox):
+    """Signals: `analysis_changed(SlideAnalysis | None)`; `_progressed(done, total)` is internal (worker -> GUI)."""
+
+    analysis_changed = Signal(object)
+    _progressed = Signal(int, int)
+
+    def __init__(self, viewer, parent=None):
+        super().__init__("Slide", parent)
+        self.viewer = viewer
+        self.analysis: SlideAnalysis | None = None
+        self.analysed_layer = None
+        self.cache_dir: Path = default_cache_dir()
+        self.worker = None
+        self._cancel: threading.Event | None = None
+        self._napari_progress = None
+        self._extracted_now = False
+
+        self.open_demo = QPushButton("Open demo slide")
+        self.open_demo.setToolTip("The synthetic demo slide bundled with the plugin (also in File > Open Sample)")
+        self.open_demo.clicked.connect(self.load_demo)
+        self.layer_box = QComboBox()
+        self.layer_box.setToolTip("The slide layer to analyse; follows the selected slide layer")
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        self.weights_edit = QLineEdit(str(default_weights_dir()))
+        self.weights_edit.setToolTip("PathFLIP weights folder (config.json + model.safetensors)")
+        self.weights_edit.textChanged.connect(self._update_encoder_hint)
+        browse = QPushButton("...")
+        browse.setMaximumWidth(32)
+        browse.setToolTip("Choose the weights folder")
+        browse.clicked.connect(self._browse_weights)
+        weights_row = QHBoxLayout()
+        weights_row.addWidget(self.weights_edit)
+        weights_row.addWidget(browse)
+        self.encoder_edit = QLineEdit()
+        self.encoder_edit.setToolTip("Patch encoder; empty = the one recorded with the weights.\n" + ENCODER_HELP)
+        self.device_box = QComboBox()
+        self.device_box.addItems(DEVICES)
+        self.analyze_button = QPushButton("Analyze")
+        self.analyze_button.setToolTip("Extract patch features and encode the slide (cached: instant next time)")
+        self.analyze_button.clicked.connect(self.analyze)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Slide layer", self.layer_box)
+        form.addRow("Weights", weights_row)
+        form.addRow("Encoder", self.encoder_edit)
+        form.addRow("Device", self.device_box)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.analyze_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.open_demo)
+        layout.addWidget(self.info)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+
+        self._progressed.connect(self._show_progress)
+        self.layer_box.currentIndexChanged.connect(self._show_layer)
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._layer_removed)
+        viewer.layers.events.renamed.connect(self._refresh_layers)
+        viewer.layers.selection.events.active.connect(self._follow_selection)
+        self._update_encoder_hint()
+        self._refresh_layers()
+        self._set_status()
+
+    # ------------------------------------------------------------------------------------------------ slide layers
+    def slide_layers(self) -> list:
+        return [layer for layer in self.viewer.layers if slide_info(layer)]
+
+    @property
+    def current_layer(self):
+        name = self.layer_box.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _refresh_layers(self, event=None) -> None:
+        current = self.layer_box.currentText()
+        names = [layer.name for layer in self.slide_layers()]
+        self.layer_box.blockSignals(True)
+        self.layer_box.clear()
+        self.layer_box.addItems(names)
+        active = self.viewer.layers.selection.active
+        preferred = active.name if slide_info(active) else current
+        if preferred in names:
+            self.layer_box.setCurrentText(preferred)
+        self.layer_box.blockSignals(False)
+        self._show_layer()
+
+    def _follow_selection(self, event=None) -> None:
+        active = self.viewer.layers.selection.active
+        if slide_info(active) and active.name != self.layer_box.currentText():
+            self.layer_box.setCurrentText(active.name)
+
+    def _layer_removed(self, event) -> None:
+        if self.analysed_layer is not None and event.value == self.analysed_layer:  # layers may be proxies
+            self.cancel()
+            self.analysis, self.analysed_layer = None, None
+            self.analysis_changed.emit(None)
+            self._set_status()
+        self._refresh_layers()
+
+    def _show_layer(self, index=None) -> None:
+        layer = self.current_layer
+        self.info.setText(describe_slide(layer.name, slide_info(layer)) if layer else
+                          "No slide open. Open one (File &gt; Open) or the demo slide.")
+        self._set_status()
+
+    def load_demo(self) -> None:
+        try:
+            self.viewer.open_sample("napari-pathflip", "demo_slide")
+        except PathflipError as exc:
+            notify_error(exc)
+
+    # ---------------------------------------------------------------------------------------------- weights, device
+    def _browse_weights(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "PathFLIP weights folder", self.weights_edit.text())
+        if folder:
+            self.weights_edit.setText(folder)
+
+    def _update_encoder_hint(self, text=None) -> None:
+        recorded = Path(self.weights_edit.text()) / ENCODER_FILE
+        try:
+            name = json.loads(recorded.read_text())["encoder"]
+        except (OSError, ValueError, KeyError):
+            name = "builtin"
+        self.encoder_edit.setPlaceholderText(f"from the weights: {name}")
+
+    # ------------------------------------------------------------------------------------------------------ analyze
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def analyze(self) -> None:
+        from napari.utils import progress
+        from napari.utils.notifications import show_warning
+
+        layer = self.current_layer
+        if layer is None:
+            show_warning("Open a slide first (File > Open, or 'Open demo slide'), then press Analyze.")
+            return
+        if self.running:
+            return
+        self._cancel = threading.Event()
+        self._extracted_now = False
+        self._started = time.perf_counter()
+        self._napari_progress = progress(total=0, desc=f"PathFLIP: analysing {layer.name}")
+        self.progress_bar.setRange(0, 0)
+        self.progress_bar.setVisible(True)
+        self.analyze_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"Analysing <b>{layer.name}</b>: loading the weights...")
+
+        def report(done: int, total: int) -> None:  # extraction thread; the signal queues it to the GUI thread
+            self._progressed.emit(done, total)
+
+        self.worker = run_in_background(
+            _analyse, slide_info(layer)["path"], self.weights_edit.text() or None, self.cache_dir,
+            self.encoder_edit.text().strip(), self.device_box.currentText(), report, self._cancel,
+            on_done=lambda analysis, layer=layer: self._ready(analysis, layer), on_error=self._failed,
+            on_finished=self._finished)
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+
+    def _show_progress(self, done: int, total: int) -> None:
+        if done < total:
+            self._extracted_now = True
+        self.progress_bar.setRange(0, max(total, 1))
+        self.progress_bar.setValue(done)
+        if self._napari_progress is not None:
+            self._napari_progress.total = total
+            self._napari_progress.n = done
+            self._napari_progress.refresh()
+        self.status.setText(f"Extracting patch features: {done} / {total} patches...")
+
+    def _ready(self, analysis: SlideAnalysis, layer) -> None:
+        if layer not in self.viewer.layers:  # the slide was closed while it was being analysed
+            return
+        self.analysis, self.analysed_layer = analysis, layer
+        self._set_status(time.perf_counter() - self._started)
+        self.analysis_changed.emit(analysis)
+
+    def _failed(self, exc: BaseException) -> None:
+        notify_error(exc)
+        self.status.setText(f"Analysis stopped: {exc}")
+
+    def _finished(self) -> None:
+        self.worker = None
+        self._cancel = None
+        if self._napari_progress is not None:
+            self._napari_progress.close()
+            self._napari_progress = None
+        self.progress_bar.setVisible(False)
+        self.analyze_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _set_status(self, seconds: float | None = None) -> None:
+        analysis = self.analysis
+        if analysis is None:
+            self.status.setText("Not analysed yet. <b>Analyze</b> extracts patch features and encodes the slide "
+                                f"once; both are cached in {self.cache_dir}.")
+            return
+        encoding = analysis.encoding
+        source = "extracted now" if self._extracted_now else "read from the cache"
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
+        self.status.setText(
+            f"<b>Analysed: {self.analysed_layer.name}</b><br>features {source}{took} "
+            f"({len(encoding.patch_coords)} patches, {encoding.num_regions} regions)<br>"
+            f"model: {analysis.weights.name} ({analysis.weights}), encoder {analysis.encoder}<br>"
+            f"device: {analysis.model.device}")

@@ -1,0 +1,121 @@
+"""Alignment training: config loading, schedule, pickle-free checkpoints, bit-exact resume, DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_pathflip.errors import PathflipError
+from napari_pathflip.model import PathFLIP
+from training.align import AlignConfig, checkpoint_dirs, load_config, lr_factor, train
+from training.data import build_synthetic_corpus
+from training.synthetic import SyntheticConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# a tiny random model; 4 x 4-patch regions so a 4096-px slide has 16 regions and max_regions = 6 samples them
+TINY_MODEL = """
+[model]
+hidden_size = 32
+num_layers = 2
+num_heads = 2
+intermediate_size = 64
+embed_dim = 32
+vision_width = 32
+mixer_heads = 4
+mixer_ffn = 64
+text_region_heads = 4
+region_patches = 4
+max_patches_per_region = 16
+"""
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    return build_synthetic_corpus(tmp_path_factory.mktemp("corpus"), "train", 4,
+                                  config=SyntheticConfig(width=4096, height=4096))
+
+
+def write_config(folder: Path, split: Path, **values) -> Path:
+    settings = {"features": [str(split / "features")], "captions": [str(split / "captions.csv")],
+                "init": "random", "batch_size": 2, "max_steps": 6, "warmup_steps": 2, "max_regions": 6,
+                "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 5, "threads": 1, "out_dir": "run",
+                **values}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    path = folder / "align.toml"
+    path.write_text("\n".join(lines) + "\n" + TINY_MODEL)
+    return path
+
+
+def log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_config_paths_overrides_and_errors(tmp_path):
+    path = tmp_path / "cfg" / "a.toml"
+    path.parent.mkdir()
+    path.write_text('features = ["feats"]\ncaptions = ["c.csv"]\nlr = 3e-4\n[model]\nregion_patches = 8\n')
+    config = load_config(path, ["batch_size = 4", "model.num_layers = 3", 'out_dir = "/abs/run"'])
+    assert config.features == [str(path.parent / "feats")] and config.captions == [str(path.parent / "c.csv")]
+    assert config.lr == 3e-4 and config.batch_size == 4 and config.out_dir == "/abs/run"
+    assert config.model == {"region_patches": 8, "num_layers": 3}
+    assert AlignConfig().max_regions == 24 and AlignConfig().subcaptions == 8
+    with pytest.raises(PathflipError, match="unknown align config key"):
+        load_config(path, ["learning_rate = 1.0"])
+    with pytest.raises(PathflipError, match="init must be one of"):
+        AlignConfig(init="imagenet")
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    config = AlignConfig(lr=1e-4, warmup_start_lr=1e-6, min_lr=5e-6, warmup_steps=10)
+    lrs = [config.lr * lr_factor(s, config, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-4) and lrs[100] == pytest.approx(5e-6)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_resume_is_bit_exact_and_checkpoints_hold_no_pickle(split, tmp_path):
+    config = load_config(write_config(tmp_path, split, grad_accum=2))
+    straight = train(config)
+    losses = log(Path(config.out_dir))
+    assert [r["step"] for r in losses] == list(range(1, 7))
+    assert all(np.isfinite([r["slide"], r["region"], r["lr"], r["eta"]]).all() for r in losses)
+    weights = {k: v.clone() for k, v in PathFLIP.from_pretrained(straight).state_dict().items()}
+    assert json.loads((straight / "encoder.json").read_text()) == {"encoder": "builtin"}
+
+    checkpoint = checkpoint_dirs(Path(config.out_dir))[0]
+    assert checkpoint.name == "step-0000003"
+    assert {p.suffix for p in checkpoint.iterdir()} <= {".json", ".safetensors"}  # no pickle anywhere
+    # as if killed after the step-3 checkpoint: later checkpoints, final weights and log lines are lost
+    for later in checkpoint_dirs(Path(config.out_dir))[1:]:
+        shutil.rmtree(later)
+    shutil.rmtree(straight)
+    resumed = train(config, resume=True)
+    again = log(Path(config.out_dir))
+    assert [r["step"] for r in again] == list(range(1, 7))
+    for a, b in zip(losses, again):
+        assert (a["slide"], a["region"], a["lr"]) == (b["slide"], b["region"], b["lr"])
+    for key, value in PathFLIP.from_pretrained(resumed).state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_torchrun_two_cpu_processes(split, tmp_path):
+    config = write_config(tmp_path, split, batch_size=1, max_steps=3, checkpoint_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training", "align", "--config", str(config)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "run"
+    assert "2 process(es)" in done.stdout and [r["step"] for r in log(out)] == [1, 2, 3]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-0000002"]
+    assert {p.name for p in checkpoint_dirs(out)[0].glob("rng-rank*.safetensors")} == {
+        "rng-rank0.safetensors", "rng-rank1.safetensors"}
+    model = PathFLIP.from_pretrained(out / "final")
+    assert model.config.region_patches == 4 and model.config.patch_dim == 105

@@ -1,0 +1,300 @@
+"""The workspace in a real viewer under Xvfb: Analyze the demo slide, type a finding, heatmap/boxes/pin/exports,
+zero-shot, errors as notifications, the event loop serving during extraction, screenshots, and (with the trained
+demo weights) the heatmap peak on the finding's true region."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from napari.utils.notifications import notification_manager
+from PIL import Image
+from qtpy.QtCore import QTimer
+
+from napari_pathflip.analysis import default_weights_dir
+from napari_pathflip.viewer.localize import BOXES, HEATMAP
+from napari_pathflip.viewer.tasks import LatestRunner
+
+PLUGIN = "napari-pathflip"
+DEMO = "PathFLIP demo slide"
+DEMO_SIZE, MPP, PATCH, REGION = 12288, 0.5, 256, 4096
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One feature/encoding cache for the module: the demo slide is extracted once, then Analyze is instant."""
+    return tmp_path_factory.mktemp("pathflip-cache")
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer(show=True)
+
+
+def _messages_since(count):
+    return [str(n.message) for n in notification_manager.records[count:]]
+
+
+def _workspace(viewer, weights, cache, device="cpu"):
+    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
+    workspace.slide.weights_edit.setText(str(weights))
+    workspace.slide.cache_dir = cache
+    workspace.slide.device_box.setCurrentText(device)
+    return workspace
+
+
+def _open_and_analyze(viewer, workspace, qtbot, timeout=90_000):
+    workspace.slide.open_demo.click()
+    assert workspace.slide.current_layer == viewer.layers[DEMO]
+    with qtbot.waitSignal(workspace.slide.analysis_changed, timeout=timeout) as ready:
+        workspace.slide.analyze_button.click()
+    assert ready.args[0] is workspace.slide.analysis is not None
+    qtbot.waitUntil(lambda: not workspace.slide.running, timeout=5000)
+
+
+def _type(qtbot, localize, text, timeout=30_000):
+    """Type `text` and wait for the heatmap of the chosen level (region level paints first, patches follow)."""
+    localize.query.clear()
+    level = localize.level_box.currentText()
+    with qtbot.waitSignal(localize.heatmap_updated, timeout=timeout,
+                          check_params_cb=lambda query, shown: query == text and shown == level):
+        qtbot.keyClicks(localize.query, text)
+
+
+def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tmp_path):
+    workspace = _workspace(viewer, weights, cache)
+    # the workspace brings up the chat dock, with the chat told about every analysis
+    qtbot.waitUntil(lambda: "PathFLIP chat" in viewer.window.dock_widgets, timeout=5000)
+    assert viewer.window.dock_widgets["PathFLIP chat"] is workspace.chat
+    ticks = []
+    timer = QTimer(interval=20)
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start()
+    _open_and_analyze(viewer, workspace, qtbot)
+    timer.stop()
+    status = workspace.slide.status.text()
+    assert "extracted now" in status and "regions" in status and "device: cpu" in status
+    # the GUI thread kept serving the timer while extraction and encoding ran in the worker
+    assert len(ticks) >= 20
+
+    localize = workspace.localize
+    _type(qtbot, localize, "necrosis")
+    slide, heat = viewer.layers[DEMO], viewer.layers[HEATMAP]
+    cells = DEMO_SIZE // PATCH
+    assert heat.data.shape == (cells, cells)
+    assert tuple(heat.scale) == pytest.approx((PATCH * MPP, PATCH * MPP))
+    assert tuple(heat.translate) == pytest.approx(((PATCH - 1) / 2 * MPP,) * 2)
+    # cell (r, c) covers level-0 pixels [r*256, (r+1)*256): its centre is the centre of that block of slide pixels
+    for r, c in [(0, 0), (5, 17), (cells - 1, cells - 1)]:
+        centre = (r * PATCH + (PATCH - 1) / 2, c * PATCH + (PATCH - 1) / 2)
+        np.testing.assert_allclose(heat.data_to_world((r, c)), slide.data_to_world(centre))
+    assert 0 <= np.nanmin(heat.data) and np.nanmax(heat.data) == pytest.approx(1.0)
+    assert heat.colormap.map(np.array([0.0]))[0, 3] == 0  # the low end is transparent
+
+    boxes = viewer.layers[BOXES]
+    assert boxes.nshapes == 5 and localize.boxes_list.count() == 5
+    assert list(boxes.features["rank"]) == [1, 2, 3, 4, 5]
+    assert "#1" in boxes.text.values[0]
+    x0, y0, x1, y1 = localize.result.top_boxes[0, :4]
+    np.testing.assert_allclose(boxes.data_to_world(boxes.data[0].min(0)), slide.data_to_world((y0 - 0.5, x0 - 0.5)))
+
+    localize.threshold.setValue(50)
+    localize.opacity.setValue(40)
+    assert tuple(heat.contrast_limits) == pytest.approx((0.5, 1.0)) and heat.opacity == pytest.approx(0.4)
+
+    # clicking a box in the list zooms the camera onto it
+    localize.boxes_list.setCurrentRow(1)
+    bx0, by0, bx1, by1 = localize.result.top_boxes[1, :4]
+    centre = slide.data_to_world(((by0 + by1) / 2 - 0.5, (bx0 + bx1) / 2 - 0.5))
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], centre)
+
+    pinned = localize.pin()
+    assert pinned.name == "pin: necrosis" and pinned.data.shape == heat.data.shape
+    frozen = pinned.data.copy()
+
+    # region level: one cell per 4096-px region, placed with the same convention
+    localize.level_box.setCurrentText("regions")
+    qtbot.waitUntil(lambda: viewer.layers[HEATMAP].data.shape == (3, 3), timeout=30_000)
+    assert tuple(heat.scale) == pytest.approx((REGION * MPP,) * 2)
+    assert tuple(heat.translate) == pytest.approx(((REGION - 1) / 2 * MPP,) * 2)
+    _type(qtbot, localize, "fat lobules")
+    np.testing.assert_array_equal(pinned.data, frozen)  # a pin does not follow the query
+
+    written = {}
+    for suffix in (".geojson", ".npz", ".png"):
+        with qtbot.waitSignal(localize.exported, timeout=30_000) as done:
+            localize.export(suffix, tmp_path / f"out{suffix}")
+        written[suffix] = Path(done.args[0])
+    collection = json.loads(written[".geojson"].read_text())
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 5
+    ring = collection["features"][0]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and collection["features"][0]["properties"]["classification"]["name"] == "fat lobules"
+    with np.load(written[".npz"], allow_pickle=False) as scores:
+        assert scores["patch_coords"].shape == (len(scores["patch_scores"]), 2)
+        assert scores["region_boxes"].shape == (9, 4) and np.isclose(scores["region_scores"].sum(), 1, atol=1e-4)
+    assert Image.open(written[".png"]).size[0] > 100
+
+
+def test_box_click_on_canvas_zooms_unless_already_inside(viewer, weights, cache, qtbot):
+    workspace = _workspace(viewer, weights, cache)
+    _open_and_analyze(viewer, workspace, qtbot)
+    localize = workspace.localize
+    _type(qtbot, localize, "tumour")
+    viewer.reset_view()
+    slide = viewer.layers[DEMO]
+    x0, y0, x1, y1 = localize.result.top_boxes[0, :4]
+    inside = np.asarray(slide.data_to_world(((y0 + y1) / 2, x0 + 10)))
+
+    class Click:  # what napari hands a drag callback: a press, then a release without moves
+        type, position = "mouse_press", tuple(inside)
+
+    def click():
+        event = Click()
+        callback = localize._click_box(viewer, event)
+        next(callback)
+        event.type = "mouse_release"
+        with pytest.raises(StopIteration):
+            next(callback)
+
+    overview = viewer.scene.camera.zoom
+    click()
+    assert viewer.scene.camera.zoom > overview
+    centre = slide.data_to_world(((y0 + y1) / 2 - 0.5, (x0 + x1) / 2 - 0.5))
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], centre)
+    viewer.scene.camera.zoom *= 4  # already zoomed inside the box: a click no longer moves the camera
+    viewer.scene.camera.center = tuple(inside)
+    click()
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], inside)
+
+
+def test_zero_shot_and_latest_query_wins(viewer, weights, cache, qtbot):
+    workspace = _workspace(viewer, weights, cache)
+    _open_and_analyze(viewer, workspace, qtbot)
+    localize = workspace.localize
+    localize.prompts.setPlainText("necrosis\nadipose tissue\n\nnormal glands\n")
+    with qtbot.waitSignal(localize.classified, timeout=30_000) as done:
+        localize.classify_button.click()
+    probabilities = done.args[0]
+    assert list(probabilities) == ["necrosis", "adipose tissue", "normal glands"]
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert "%" in localize.class_result.text()
+
+    # a burst of edits: whatever lands in between, the final layer shows the final text
+    painted = []
+    localize.heatmap_updated.connect(lambda query, level: level == "patches" and painted.append(query))
+    for text in ["n", "ne", "nec", "necr", "necro", "necrotic debris"]:
+        localize.query.setText(text)
+        localize.request()
+    qtbot.waitUntil(lambda: bool(painted) and painted[-1] == "necrotic debris", timeout=30_000)
+    qtbot.wait(200)
+    assert painted[-1] == "necrotic debris"
+    assert viewer.layers[HEATMAP].metadata["pathflip_query"] == "necrotic debris"
+
+
+def test_latest_runner_drops_stale_results(qtbot):
+    import threading
+
+    runner = LatestRunner()
+    gate = threading.Event()
+    results = []
+    runner.finished.connect(lambda value, seq: results.append(value))
+    runner.submit(lambda: gate.wait(5) and "first")
+    runner.submit(lambda: "second")  # waits behind the first, then is replaced by the third
+    runner.submit(lambda: "third")
+    gate.set()
+    qtbot.waitUntil(lambda: results == ["third"], timeout=5000)
+    qtbot.wait(100)
+    assert results == ["third"]
+    failures = []
+    runner.failed.connect(lambda exc, seq: failures.append(exc))
+    runner.submit(lambda: 1 / 0)
+    qtbot.waitUntil(lambda: bool(failures), timeout=5000)
+    assert isinstance(failures[0], ZeroDivisionError)
+    runner.shutdown()
+
+
+def test_errors_become_notifications_and_the_widget_stays_usable(viewer, weights, wsi_dir, qtbot, tmp_path):
+    workspace = _workspace(viewer, tmp_path / "no-weights", tmp_path / "cache")
+    slide = workspace.slide
+    before = len(notification_manager.records)
+    slide.analyze_button.click()  # nothing open yet
+    assert any("Open a slide first" in m for m in _messages_since(before))
+
+    slide.open_demo.click()
+    before = len(notification_manager.records)
+    slide.analyze_button.click()
+    qtbot.waitUntil(lambda: not slide.running, timeout=30_000)
+    assert any("no PathFLIP weights in" in m for m in _messages_since(before))
+    assert slide.analyze_button.isEnabled() and slide.analysis is None
+
+    # cancel during extraction (fresh cache): a notification, and a later Analyze resumes
+    slide.weights_edit.setText(str(weights))
+    before = len(notification_manager.records)
+    slide._progressed.connect(lambda done, total: slide.cancel())
+    slide.analyze_button.click()
+    qtbot.waitUntil(lambda: not slide.running, timeout=60_000)
+    assert any("cancelled" in m for m in _messages_since(before)) and slide.analysis is None
+
+    # unreadable tiles: the extraction error names the tile and says what to do
+    viewer.open(str(wsi_dir / "unreadable.svs"), plugin=PLUGIN)
+    slide.layer_box.setCurrentText("unreadable")
+    before = len(notification_manager.records)
+    slide.analyze_button.click()
+    qtbot.waitUntil(lambda: not slide.running, timeout=60_000)
+    assert any("unreadable" in m for m in _messages_since(before))
+    assert slide.analyze_button.isEnabled()
+
+    # typing before any analysis asks for Analyze instead of failing
+    workspace.localize.query.setText("necrosis")
+    qtbot.waitUntil(lambda: "Analyze" in workspace.localize.status.text(), timeout=2000)
+
+
+def _overlay_difference(a, b) -> float:
+    return float(np.abs(a[..., :3].astype(int) - b[..., :3].astype(int)).mean())
+
+
+def test_screenshot_shows_the_heatmap(viewer, weights, cache, qtbot, tmp_path):
+    """The overlay is visibly rendered; with PATHFLIP_SCREENSHOT_DIR set, saves the README screenshots (with the
+    trained demo weights when they exist)."""
+    trained = (default_weights_dir() / "config.json").is_file()
+    workspace = _workspace(viewer, default_weights_dir() if trained else weights, cache)
+    out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    viewer.window.resize(1500, 950)
+    _open_and_analyze(viewer, workspace, qtbot)
+    viewer.reset_view()
+    slide_only = viewer.screenshot(canvas_only=True)
+    viewer.screenshot(str(out / "open_slide.png"), canvas_only=False)
+    _type(qtbot, workspace.localize, "necrosis")
+    viewer.layers.selection.active = viewer.layers[DEMO]
+    overlay = viewer.screenshot(canvas_only=True)
+    window = viewer.screenshot(str(out / "localize_necrosis.png"), canvas_only=False)
+    assert window.shape[1] > overlay.shape[1]  # the whole window, with the docks
+    assert _overlay_difference(overlay, slide_only) > 5
+    viewer.layers[HEATMAP].visible = False
+    viewer.layers[BOXES].visible = False
+    hidden = viewer.screenshot(canvas_only=True)
+    assert _overlay_difference(hidden, slide_only) < 1
+
+
+def test_necrosis_heatmap_peak_lies_on_the_true_region(viewer, cache, qtbot):
+    """With the trained demo weights, the patch-level heatmap for "necrosis" peaks inside the necrosis of the demo
+    slide (its truth: training.synthetic.demo_spec())."""
+    from training.synthetic import demo_spec
+
+    trained = default_weights_dir()
+    if not (trained / "config.json").is_file():
+        pytest.fail(f"the trained demo weights are missing from {trained}: run `python -m training demo` "
+                    "(it writes sample_data/weights/pathflip) and run this test again")
+    workspace = _workspace(viewer, trained, cache)
+    _open_and_analyze(viewer, workspace, qtbot)
+    _type(qtbot, workspace.localize, "necrosis")
+    heat = viewer.layers[HEATMAP]
+    row, col = np.unravel_index(np.argmax(heat.data), heat.data.shape)
+    necrosis = next(f for f in demo_spec().findings if f.name == "necrosis")
+    x, y, w, h = necrosis.bbox
+    # the peak cell's centre, back in level-0 pixels through the layer's own placement
+    cy, cx = np.asarray(viewer.layers[DEMO].world_to_data(heat.data_to_world((row, col))))
+    assert x <= cx < x + w and y <= cy < y + h, f"peak at level-0 ({cx:.0f}, {cy:.0f}), necrosis bbox {necrosis.bbox}"
+    assert necrosis.mask[row, col] or necrosis.mask[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2].any()

@@ -1,0 +1,140 @@
+"""Evaluate PathFLIP weights on a split folder: retrieval, zero-shot and grounding, computed from the model.
+
+A split folder is what `python -m training corpus` writes (and what a user can assemble for real data):
+  features/<slide_id>.h5   CLAM/TRIDENT patch features with level-0 coordinates
+  captions.csv             SlideBench caption CSV (ID, Slide, Tumor, Question, Caption)
+  truth/<slide_id>.npz     optional, synthetic slides only: finding masks on the patch grid (grounding, zero-shot)
+
+`python -m training evaluate alignment --weights DIR --split DIR [--out metrics.json]` prints the JSON.
+Grounding queries every finding of every slide twice: with its caption sentence ("Central necrosis is present
+within the tumour nest.") and with the short phrase a pathologist would type ("necrosis").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_pathflip.errors import PathflipError
+from training import metrics
+from training.sources import read_caption_csv
+
+# the phrase typed in the viewer for each synthetic finding
+PHRASES = {"tumour": "tumour", "necrosis": "necrosis", "lymphocytes": "lymphocytes", "stroma": "fibrous stroma",
+           "fat": "fat", "normal_glands": "normal glands"}
+# zero-shot presence tasks: (finding whose presence is the label, [absent prompt, present prompt])
+ZERO_SHOT = {
+    "tumour": ("tumour", ["No tumour is identified in the section.", "A tumour nest is present in the section."]),
+    "necrosis": ("necrosis", ["A tumour nest of viable tumour cells.", "Central necrosis is present within the tumour."]),
+    "fat": ("fat", ["No fat is seen in the section.", "Adipose tissue is seen in the section."]),
+}
+
+
+@dataclass
+class Truth:
+    """Findings of one synthetic slide on its patch grid (cell = `patch_size` level-0 pixels)."""
+    names: list[str]
+    sentences: list[str]
+    masks: np.ndarray  # [F, rows, cols] bool
+    patch_size: int
+
+    @classmethod
+    def load(cls, path: Path) -> "Truth":
+        with np.load(path, allow_pickle=False) as data:
+            return cls([str(n) for n in data["finding_names"]], [str(s) for s in data["finding_sentences"]],
+                       data["finding_masks"].astype(bool), int(data["patch_size"]))
+
+
+def load_split(split_dir: str | Path):
+    """(slide ids, captions, feature sets, truths or None) of a split folder, in captions.csv order."""
+    from napari_pathflip.features import read_h5
+
+    split_dir = Path(split_dir)
+    captions_file = split_dir / "captions.csv"
+    if not captions_file.is_file():
+        raise PathflipError(f"{split_dir} has no captions.csv: make a split with `python -m training corpus`")
+    records = read_caption_csv(captions_file)
+    ids, captions, feats, truths = [], [], [], []
+    for record in records:
+        h5 = split_dir / "features" / f"{record.slide_id}.h5"
+        if not h5.is_file():
+            raise PathflipError(f"{h5} is missing: rebuild the split's features (`python -m training corpus`)")
+        ids.append(record.slide_id)
+        captions.append(record.turns[0][1])
+        feats.append(read_h5(h5))
+        truth = split_dir / "truth" / f"{record.slide_id}.npz"
+        truths.append(Truth.load(truth) if truth.is_file() else None)
+    return ids, captions, feats, truths
+
+
+def _grounding_rows(model, encoding, truth: Truth, text: str, mask: np.ndarray):
+    """Region and patch scores of one query with their truth (region: >= min overlap of the mask)."""
+    result = model.ground(encoding, text, top_k=1, patch_level=True, explain_regions=encoding.num_regions)
+    boxes = encoding.region_boxes.astype(np.float64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    region_truth = metrics.box_mask_fraction(mask, truth.patch_size, xywh) >= metrics.GroundingConfig().region_min_overlap
+    cells = encoding.patch_coords // truth.patch_size
+    inside = (cells[:, 1] < mask.shape[0]) & (cells[:, 0] < mask.shape[1])
+    patch_truth = np.zeros(len(cells), bool)
+    patch_truth[inside] = mask[cells[inside, 1], cells[inside, 0]]
+    return result.region_scores, region_truth, result.patch_scores, patch_truth
+
+
+def evaluate_alignment(weights: str | Path, split_dir: str | Path, device: str = "cpu",
+                       max_slides: int | None = None) -> dict:
+    """Retrieval (caption <-> slide among all slides of the split), zero-shot presence and grounding."""
+    from napari_pathflip.model import PathFLIP
+
+    model = PathFLIP.from_pretrained(weights).to(device).eval()
+    ids, captions, feature_sets, truths = load_split(split_dir)
+    if max_slides:
+        ids, captions, feature_sets, truths = (x[:max_slides] for x in (ids, captions, feature_sets, truths))
+    torch.manual_seed(0)
+    encodings = [model.encode_slide(fs.features, fs.coords, fs.patch_size_level0) for fs in feature_sets]
+    slides = torch.stack([e.slide_embedding for e in encodings]).numpy()
+    with torch.inference_mode():
+        texts = model.encode_text(captions).cpu().numpy()
+    out = {"weights": str(weights), "split": str(split_dir), "n_slides": len(ids),
+           "retrieval": metrics.retrieval_recall(metrics.cosine_similarity(slides, texts))}
+    if not all(t is not None for t in truths):
+        return out
+
+    zero_shot = {}
+    for task, (finding, prompts) in ZERO_SHOT.items():
+        labels = np.array([int(finding in t.names) for t in truths])
+        probs = model.classify(torch.from_numpy(slides), prompts).cpu().numpy()
+        zero_shot[task] = {"prompts": prompts, "positives": int(labels.sum()),
+                           **metrics.zero_shot_metrics(probs, labels)}
+    out["zero_shot"] = zero_shot
+
+    for kind in ("sentence", "phrase"):
+        rows = {"region_scores": [], "region_truth": [], "patch_scores": [], "patch_truth": []}
+        for encoding, truth in zip(encodings, truths):
+            for name, sentence, mask in zip(truth.names, truth.sentences, truth.masks):
+                text = sentence if kind == "sentence" else PHRASES.get(name, name)
+                r, rt, p, pt = _grounding_rows(model, encoding, truth, text, mask)
+                rows["region_scores"].append(r)
+                rows["region_truth"].append(rt)
+                rows["patch_scores"].append(p)
+                rows["patch_truth"].append(pt)
+        out[f"grounding_{kind}"] = metrics.grounding_metrics(**rows)
+    return out
+
+
+def summary(result: dict) -> dict:
+    """The headline numbers of `evaluate_alignment` (the README table and the demo's targets)."""
+    line = {"retrieval_text_to_slide_R@1": result["retrieval"]["text_to_slide"]["R@1"],
+            "retrieval_slide_to_text_R@1": result["retrieval"]["slide_to_text"]["R@1"]}
+    for kind in ("sentence", "phrase"):
+        g = result.get(f"grounding_{kind}")
+        if g:
+            line[f"region_pointing_{kind}"] = g["region"]["pointing_game"]
+            line[f"region_auroc_{kind}"] = g["region"]["auroc_mean"]
+            line[f"patch_pointing_{kind}"] = g["patch"]["pointing_game"]
+            line[f"patch_auroc_{kind}"] = g["patch"]["auroc_mean"]
+    for task, z in result.get("zero_shot", {}).items():
+        line[f"zero_shot_{task}_accuracy"] = z["accuracy"]
+    return line
