@@ -46,9 +46,26 @@ class ExtractionConfig:
     amp: bool = True  # bf16 autocast on CUDA (encoders that are plain statistics opt out)
     channels_last: bool = True  # on CUDA
     prefetch_factor: int = 2  # batches each worker reads ahead
-    worker_start_method: str | None = None  # multiprocessing context for workers; None = platform default
+    # multiprocessing start method of the readers; None: fork from a single-threaded process, else forkserver
+    # (forking a process that runs other threads, such as napari's GUI and its workers, can leave the copy broken)
+    worker_start_method: str | None = None
     cpu_threads: int | None = None  # torch threads while encoding on CPU; None keeps torch's setting
     allow_pickle: bool = False  # let encoders load pickle checkpoints (CONCH's pytorch_model.bin)
+
+
+def _worker_context(config: ExtractionConfig):
+    """The multiprocessing context of the reader processes (see ExtractionConfig.worker_start_method)."""
+    import multiprocessing
+
+    method = config.worker_start_method
+    if method is None:
+        if threading.active_count() == 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+            return None
+        method = "forkserver"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":  # readers fork from a server that has already imported torch and this module
+        context.set_forkserver_preload(["torch", __name__])
+    return context
 
 
 ProgressFn = Callable[[int, int], "bool | None"]  # (patches done, total) -> False to cancel
@@ -275,7 +292,7 @@ def _extract(slide, store, encoder, key, device, tiling, config, progress, cance
             num_workers=workers,
             pin_memory=runner.cuda,
             prefetch_factor=config.prefetch_factor if workers else None,
-            multiprocessing_context=config.worker_start_method if workers else None,
+            multiprocessing_context=_worker_context(config) if workers else None,
         )
         buffers: dict[int, list[np.ndarray]] = {}
         threads = torch.get_num_threads()

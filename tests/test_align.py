@@ -15,7 +15,8 @@ import torch
 
 from napari_pathflip.errors import PathflipError
 from napari_pathflip.model import PathFLIP
-from training.align import AlignConfig, checkpoint_dirs, load_config, lr_factor, train
+from training.align import (AlignConfig, build_dataset, build_model, build_optimizer, checkpoint_dirs, from_bert,
+                            load_config, lr_factor, train)
 from training.data import build_synthetic_corpus
 from training.synthetic import SyntheticConfig
 
@@ -78,6 +79,30 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     lrs = [config.lr * lr_factor(s, config, 100) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-4) and lrs[100] == pytest.approx(5e-6)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_patch_projection_starts_standardized_and_new_parts_get_their_own_rate(split, tmp_path):
+    """standardize_patches: the training patches leave patch_proj with zero mean and unit scale per output;
+    new_lr_scale multiplies the learning rate of everything not initialised from BERT."""
+    config = load_config(write_config(tmp_path, split))
+    dataset = build_dataset(config)
+    model = build_model(config, 105, dataset.slides)
+    x = torch.cat([dataset.slides[s].features for s in dataset.slides])
+    with torch.no_grad():
+        tokens = model.patch_proj(x)
+    assert tokens.mean(0).abs().max() < 1e-3
+    assert 0.5 < float(tokens.std(0).mean()) < 2.0
+    plain = build_model(load_config(write_config(tmp_path, split, standardize_patches=False)), 105, dataset.slides)
+    assert not torch.allclose(plain.patch_proj.bias, model.patch_proj.bias)
+
+    assert from_bert("qformer.layers.0.self_attn.query.weight") and from_bert("qformer.embeddings.LayerNorm.bias")
+    assert not any(map(from_bert, ["qformer.layers.0.cross_attn.query.weight", "qformer.query_tokens",
+                                   "patch_proj.weight", "mixer.0.qkv.weight", "eta"]))
+    config.init, config.new_lr_scale = "bert", 10.0
+    optimizer, _ = build_optimizer(model, config, 10)
+    rates = {round(g["initial_lr"] / config.lr, 6) for g in optimizer.param_groups}
+    assert rates == {1.0, 10.0}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
 def test_resume_is_bit_exact_and_checkpoints_hold_no_pickle(split, tmp_path):

@@ -204,6 +204,24 @@ def test_40x_slide_through_workers(slide_40x, tmp_path, cmu_reference):
     assert torch.allclose(BuiltinEncoder().encode(pixels[None])[0], torch.from_numpy(fs.features[7]), atol=1e-5)
 
 
+def test_readers_from_a_threaded_process_use_a_forkserver(cmu_path, tmp_path, cmu_reference):
+    """Like napari: extraction runs in a worker thread while the GUI thread lives (zarr's event-loop thread, too).
+    Readers are then not forked from the threaded process but from a clean forkserver, and the features are the same."""
+    import threading
+
+    from napari_pathflip.extraction import _worker_context
+
+    config = ExtractionConfig(batch_size=8, num_workers=2, chunk_size=16)
+    assert _worker_context(ExtractionConfig(worker_start_method="fork")).get_start_method() == "fork"  # explicit wins
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        context=_worker_context(config), fs=extract_features(cmu_path, tmp_path, config=config)))
+    thread.start()
+    thread.join(timeout=180)
+    assert result["context"].get_start_method() == "forkserver"
+    np.testing.assert_allclose(result["fs"].features, cmu_reference.features, atol=1e-5)
+
+
 def test_second_request_is_served_from_the_store(cmu_path, tmp_path):
     encoder = CountingEncoder()
     first = extract_features(cmu_path, tmp_path, encoder, config=FAST)

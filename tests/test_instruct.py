@@ -122,6 +122,21 @@ def test_multiple_choice_turns_use_the_chat_prompt_and_letter_first_answers(shar
     assert choice_parts("Describe the slide.") is None
 
 
+def test_shuffled_options_keep_the_answer_on_the_right_text(shared_data):
+    """choice_shuffles: every shuffled copy's answer letter names the same option text as the original's."""
+    rng = np.random.default_rng(0)
+    letters_seen = set()
+    for record in read_vqa_csv(shared_data / "slidebench" / "SlideBench-VQA-TCGA.sample.csv")[:20]:
+        right = dict(zip("ABCD", record.options))[record.answer]
+        for _ in range(3):
+            question, answer = (t["content"] for t in record_turns(record, ChatConfig(), rng))
+            _, options = choice_parts(question)
+            assert sorted(options.values()) == sorted(record.options)
+            assert options[answer[0]] == right and answer[1:] == record_turns(record, ChatConfig())[1]["content"][1:]
+            letters_seen.add(answer[0])
+    assert letters_seen == set("ABCD")
+
+
 def test_labels_cover_only_answers_and_eos(corpus):
     records = read_llava_json(corpus[0] / "instruct.json")
     chat = ChatConfig()

@@ -233,6 +233,25 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     np.testing.assert_allclose(a.patch_scores, b.patch_scores, equal_nan=True, atol=1e-7)
 
 
+def test_half_precision_save_and_mean_text_pooling(tokenizer, tmp_path):
+    """save_pretrained(dtype=float16) halves the file and reloads as float32 close to the original; text_pooling
+    "mean" survives the config round trip and averages over real tokens only (padding changes nothing)."""
+    model = tiny_model(tokenizer, text_pooling="mean").eval()
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    full, half = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("full", "half"))
+    assert half < 0.6 * full
+    loaded = PathFLIP.from_pretrained(tmp_path / "half")
+    assert loaded.config.text_pooling == "mean" and loaded.eta.dtype == torch.float32
+    torch.testing.assert_close(loaded.encode_text(["necrosis"]), model.encode_text(["necrosis"]), atol=2e-3, rtol=0)
+    alone = model.encode_text(["necrosis"])
+    padded = model.encode_text(["necrosis", "a much longer caption that forces padding of the first one"])[:1]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(alone, tiny_model(tokenizer).eval().encode_text(["necrosis"]))
+    with pytest.raises(PathflipError, match="text_pooling"):
+        PathFLIPConfig(text_pooling="max")
+
+
 def test_pickle_checkpoints_are_refused(tokenizer, tmp_path):
     model = tiny_model(tokenizer).eval()
     folder = tmp_path / "pickled"

@@ -59,6 +59,15 @@ class AlignConfig:
     paper_sizes: bool = False  # start from PathFLIPConfig.paper() (BERT-base sizes, CONCH 512-d features)
     model: dict = field(default_factory=dict)  # PathFLIPConfig overrides (patch_dim defaults to the features')
     max_regions: int = 24  # regions sampled per slide per step (all patches still feed the slide pass)
+    # Start patch_proj as per-dimension standardisation of the training features followed by a random map of unit
+    # output scale (still one Linear, so the weights format is unchanged). Why: hand-made descriptors such as the
+    # built-in encoder's share one large mean vector (slide means have cosine 0.99) and their dimensions differ in
+    # scale by 100x; through the default init the patch tokens are then nearly identical and both losses stayed at
+    # chance for 70 demo steps. Ignored for init = "weights" (the trained projection is kept).
+    standardize_patches: bool = True
+    # learning-rate multiplier of the parts that do not come from BERT (patch projection, cross-attention, queries,
+    # mixer, projections, text-region attention, eta); 1 = one rate for all (the original code)
+    new_lr_scale: float = 1.0
     # --- subcaptions (spec: K = 8, merge 1-3 sentences, consecutive or random)
     subcaptions: int = 8
     max_merge: int = 3
@@ -154,8 +163,32 @@ def build_dataset(config: AlignConfig) -> AlignmentDataset:
     return AlignmentDataset(slides, records, subs, seed=config.seed)
 
 
-def build_model(config: AlignConfig, patch_dim: int):
-    """The PathFLIP model to train (random parts seeded by config.seed)."""
+def feature_statistics(slides, max_slides: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the patch features of (up to max_slides of) `slides`."""
+    total = square = None
+    count = 0
+    for slide_id in list(slides)[:max_slides]:
+        x = slides[slide_id].features.double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        square = (x * x).sum(0) if square is None else square + (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    return mean.float(), (square / count - mean * mean).clamp(min=0).sqrt().float()
+
+
+def standardize_patch_proj(model, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """patch_proj(x) = W ((x - mean) / std) with W random of unit output scale; constant dimensions get weight 0."""
+    proj = model.patch_proj
+    live = std > 1e-6 * std.max()
+    scale = torch.where(live, 1.0 / std.clamp(min=1e-12), torch.zeros_like(std))
+    with torch.no_grad():
+        weight = torch.randn(proj.out_features, proj.in_features) / math.sqrt(max(int(live.sum()), 1))
+        proj.weight.copy_(weight * scale)
+        proj.bias.copy_(-(proj.weight @ mean))
+
+
+def build_model(config: AlignConfig, patch_dim: int, slides=None):
+    """The PathFLIP model to train (random parts seeded by config.seed); `slides` feed standardize_patches."""
     from napari_pathflip.model import PathFLIP, PathFLIPConfig
     from napari_pathflip.model.modeling import _load_tokenizer, default_bert_dir
 
@@ -176,8 +209,12 @@ def build_model(config: AlignConfig, patch_dim: int):
         raise PathflipError(f"[model] patch_dim = {model_config.patch_dim} but the features are {patch_dim}-d")
     bert_dir = Path(config.bert_dir) if config.bert_dir else default_bert_dir()
     if config.init == "bert":
-        return PathFLIP.from_bert(bert_dir, model_config).train()
-    return PathFLIP(model_config, _load_tokenizer(bert_dir)).train()
+        model = PathFLIP.from_bert(bert_dir, model_config)
+    else:
+        model = PathFLIP(model_config, _load_tokenizer(bert_dir))
+    if config.standardize_patches and slides is not None:
+        standardize_patch_proj(model, *feature_statistics(slides))
+    return model.train()
 
 
 def lr_factor(step: int, config: AlignConfig, total_steps: int) -> float:
@@ -190,11 +227,20 @@ def lr_factor(step: int, config: AlignConfig, total_steps: int) -> float:
     return lr / config.lr
 
 
+def from_bert(name: str) -> bool:
+    """Is this PathFLIP parameter initialised from BERT (text embeddings, self-attention, feed-forwards)?"""
+    return name.startswith("qformer.") and ".cross_attn" not in name and name != "qformer.query_tokens"
+
+
 def build_optimizer(model, config: AlignConfig, total_steps: int):
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = 1.0 if config.init != "bert" or from_bert(name) else config.new_lr_scale
+            groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+                                    "lr": config.lr * scale} for (decay, scale), params in sorted(groups.items())],
+                                  lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
     return optimizer, scheduler
 
@@ -349,7 +395,7 @@ def train(config: AlignConfig, resume: bool = False) -> Path:
                             f"grad_accum {config.grad_accum} x {world} process(es): lower them or add data")
     total = config.max_steps or config.epochs * steps_per_epoch
     model = build_model(config, dataset.slides.feature_dim() if hasattr(dataset.slides, "feature_dim")
-                        else int(dataset[0][0].features.shape[1])).to(device)
+                        else int(dataset[0][0].features.shape[1]), dataset.slides).to(device)
     optimizer, scheduler = build_optimizer(model, config, total)
     generator = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)  # region sampling, negatives
     torch.manual_seed(config.seed + 7919 * (rank + 1))  # dropout: a different stream per rank

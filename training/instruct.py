@@ -16,8 +16,9 @@ Phases.
   pretrain (optional, `pretrain = "text" | "full"`): a randomly initialised tiny LLM cannot learn language through
     LoRA alone (its frozen base would stay random), so the demo first trains it fully. "text" trains all LLM weights
     on the same conversations without the image (the answer language and formats, conditioned on the questions);
-    "full" is full-parameter instruction tuning with the projector and the visual tokens. The demo uses "text": the
-    second phase is then exactly the paper's recipe, and it is what makes the answers depend on the slide.
+    "full" is full-parameter instruction tuning with the projector and the visual tokens. The demo uses "full" (with
+    "text" the LoRA phase's loss stayed near the text-only floor: answers nearly independent of the slide); the
+    second phase is then exactly the paper's recipe.
   lora: projector + peft LoRA (paper: r 16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down_proj), base frozen.
 Both: AdamW, linear warmup from `warmup_start_lr` then cosine to `min_lr`, gradient accumulation, bf16 autocast on
 CUDA, losses logged to stdout and <run>/log.jsonl, checkpoints (<run>/checkpoints/<phase>/step-N: trainable tensors and
@@ -94,6 +95,9 @@ class InstructConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     steps: int = 1000  # optimiser steps
+    # extra copies of every multiple-choice conversation with its options in a new random order (letters
+    # reassigned): the answer letter must then be read off the prompt, not remembered per question
+    choice_shuffles: int = 0
     batch_size: int = 8  # conversations per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
@@ -222,17 +226,28 @@ def choice_answer(answer: str, options: dict[str, str]) -> str:
     return f"{letter}. {reason}" if reason.endswith(".") else f"{letter}. {reason}."
 
 
-def record_turns(record: Record, chat: ChatConfig) -> list[dict]:
-    """A record as chat turns; multiple-choice turns re-rendered with the engine's prompt (module docstring)."""
+def record_turns(record: Record, chat: ChatConfig, rng: np.random.Generator | None = None) -> list[dict]:
+    """A record as chat turns; multiple-choice turns re-rendered with the engine's prompt (module docstring).
+    With `rng`, the options of each multiple-choice turn are shuffled (letters reassigned, the answer follows)."""
     turns = []
     for question, answer in record.turns:
         parts = choice_parts(question)
         if parts is not None:
             stem, options = parts
-            question, answer = format_choice_prompt(stem, options, chat.choice_instruction), choice_answer(answer,
-                                                                                                          options)
+            target = choice_answer(answer, options)
+            if rng is not None:
+                letters, texts = list(options), list(options.values())
+                order = [int(i) for i in rng.permutation(len(texts))]  # new position i shows old option order[i]
+                options = {letter: texts[old] for letter, old in zip(letters, order)}
+                new_letter = letters[order.index(letters.index(target[0]))]
+                target = new_letter + target[1:]
+            question, answer = format_choice_prompt(stem, options, chat.choice_instruction), target
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return turns
+
+
+def has_choice(record: Record) -> bool:
+    return any(choice_parts(question) is not None for question, _ in record.turns)
 
 
 def read_all_records(paths) -> list[Record]:
@@ -491,6 +506,10 @@ def train(cfg: InstructConfig) -> Path:
     projector.to(device)
     conversations = [record_turns(r, chat) for r in records]
     visuals = [visual[r.slide_id] for r in records]
+    rng = np.random.default_rng(cfg.seed)
+    for record in [r for r in records if has_choice(r)] * cfg.choice_shuffles:
+        conversations.append(record_turns(record, chat, rng))
+        visuals.append(visual[record.slide_id])
     examples = [build_training_example(tokenizer, len(v), c, chat) for c, v in zip(conversations, visuals)]
     log(event="examples", conversations=len(examples), captions=sum(r.task == "caption" for r in records),
         vqa=sum(r.task == "vqa" for r in records), tokens_max=max(len(e) for e in examples))

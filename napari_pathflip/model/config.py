@@ -51,6 +51,10 @@ class PathFLIPConfig:
     # --- text-region attention (paper eq. 5)
     text_region_heads: int = 8
     # --- text
+    # "cls": the [CLS] output (BLIP-2, the original code); "mean": mean over the text tokens, which is how
+    # sentence encoders such as all-MiniLM-L6-v2 were trained: their [CLS] output barely changes between
+    # sentences (captions of different demo slides: cosine 0.92 at init), which left alignment at chance
+    text_pooling: str = "cls"
     max_caption_tokens: int = 384
     max_subcaption_tokens: int = 192
     # --- losses
@@ -67,6 +71,8 @@ class PathFLIPConfig:
     zero_shot_temperature: float = 0.1  # softmax(cos / T) in classify(); matches the training temperature
 
     def __post_init__(self) -> None:
+        if self.text_pooling not in ("cls", "mean"):
+            raise PathflipError(f"text_pooling must be \"cls\" or \"mean\", not {self.text_pooling!r}")
         if self.eta_mode not in ETA_MODES:
             raise PathflipError(f"eta_mode must be one of {ETA_MODES}, got {self.eta_mode!r}")
         if self.hidden_size % self.num_heads or self.embed_dim % self.text_region_heads:

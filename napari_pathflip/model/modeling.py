@@ -239,14 +239,16 @@ class PathFLIP(nn.Module):
                     ours[target].copy_(state[theirs])
         return model
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """config.json + model.safetensors (+ tokenizer files), loadable with `from_pretrained`."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """config.json + model.safetensors (+ tokenizer files), loadable with `from_pretrained`; `dtype` (e.g.
+        torch.float16) stores floating-point tensors in that type (half the bytes; loading casts them back)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+        cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        save_file({k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()},
                   str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
@@ -278,9 +280,13 @@ class PathFLIP(nn.Module):
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
     def text_features(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
-        """Un-normalised text embeddings [T, d] with gradient: BERT text mode, [CLS] -> text_proj."""
+        """Un-normalised text embeddings [T, d] with gradient: BERT text mode, [CLS] (or token mean) -> text_proj."""
         tokens = self._tokens(texts, max_length or self.config.max_caption_tokens)
-        return self.text_proj(self.qformer.encode_text(**tokens)[:, 0])
+        hidden = self.qformer.encode_text(**tokens)
+        if self.config.text_pooling == "mean":
+            mask = tokens["attention_mask"][..., None].to(hidden.dtype)
+            return self.text_proj((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        return self.text_proj(hidden[:, 0])
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], max_length: int | None = None, batch_size: int = 64) -> torch.Tensor:

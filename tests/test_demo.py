@@ -1,0 +1,64 @@
+"""`python -m training demo`: the shortened run end to end, and the shipped demo weights on the demo slide."""
+
+import json
+import math
+
+import pytest
+
+from napari_pathflip.analysis import SlideAnalysis, default_chat_dir, default_weights_dir
+from napari_pathflip.chat import ChatEngine
+from training import demo
+from training.metrics import vqa_choice
+from training.synthetic import demo_spec
+
+HEADLINE = ("retrieval_text_to_slide_R@1", "region_pointing_phrase", "patch_auroc_phrase", "vqa_accuracy",
+            "caption_BLEU-1")
+
+
+def test_quick_demo_writes_loadable_weights_chat_and_metrics(tmp_path):
+    out, work = tmp_path / "weights", tmp_path / "work"
+    assert demo.main(["--quick", "--out", str(out), "--work", str(work)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in HEADLINE:
+        assert 0.0 <= metrics["headline"][key] <= 1.0, key
+    assert metrics["alignment"]["n_slides"] == demo.QUICK.test_slides
+    assert set(metrics["seconds"]) == {"corpus", "align", "instruct", "evaluate"}
+    assert json.loads((out / "pathflip" / "encoder.json").read_text()) == {"encoder": "builtin"}
+    # the folders are laid out as the plugin expects: chat beside the weights, both loadable
+    assert default_chat_dir(out / "pathflip") == out / "chat"
+    engine = ChatEngine.load(out / "chat", device="cpu")
+    assert engine.config.visual_dim == json.loads((out / "pathflip" / "config.json").read_text())["embed_dim"]
+    # the corpus is resumable: a second run finds every slide and skips rendering
+    before = sorted(p.stat().st_mtime_ns for p in (work / "corpus").rglob("*.h5"))
+    demo.build_corpus(work, demo.QUICK)
+    assert sorted(p.stat().st_mtime_ns for p in (work / "corpus").rglob("*.h5")) == before
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    weights = default_weights_dir()
+    if not (weights / "config.json").is_file() or not (default_chat_dir(weights) / "chat_config.json").is_file():
+        pytest.fail(f"the demo weights are missing from {weights.parent}: run `python -m training demo`")
+    from napari_pathflip.viewer.sample_data import DEMO_SLIDE, sample_data_dir
+
+    analysis = SlideAnalysis(sample_data_dir() / DEMO_SLIDE, weights, cache_dir=tmp_path_factory.mktemp("cache"),
+                             device="cpu")
+    return analysis, ChatEngine.load(default_chat_dir(weights), device="cpu", merge=True)
+
+
+def test_shipped_metrics_meet_what_the_readme_reports(shipped):
+    metrics = json.loads((default_weights_dir().parent / "metrics.json").read_text())
+    assert metrics["plan"] == json.loads(json.dumps(demo.DemoPlan().__dict__))  # made by the documented run
+    assert metrics["alignment"]["n_slides"] == 64
+    assert all(math.isfinite(v) for v in metrics["headline"].values() if v is not None)
+
+
+def test_demo_chat_answers_the_demo_slide_questions_by_the_slidebench_rule(shipped):
+    analysis, engine = shipped
+    visual = analysis.prepare()  # the same slide encoding the workspace and `pathflip chat` use
+    letters = []
+    for question in demo_spec().questions:
+        answer = engine.conversation(visual).ask_choice(question.question, question.options)
+        letters.append((vqa_choice(answer.text), question.answer, answer.text))
+    correct = [got == want for got, want, _ in letters]
+    assert all(correct), letters

@@ -1,0 +1,157 @@
+"""`python -m training demo`: rebuild sample_data/weights/ (demo PathFLIP + demo chat) and score them.
+
+Stages, each resumable (a rerun skips finished slides and reuses the run folder):
+  1. corpus: synthetic train and test splits (training.data), built by two processes (one per core);
+  2. align: PathFLIP from all-MiniLM-L6-v2 over built-in encoder features (configs/align_demo.toml);
+  3. instruct: the tiny Qwen3-architecture chat LLM, projector + LoRA (configs/instruct_demo.toml);
+  4. evaluate on the test split (layouts never seen in training): retrieval among all test slides, zero-shot,
+     grounding (pointing game, AUROC), VQA with the SlideBench rule, caption BLEU/ROUGE.
+Writes OUT/pathflip (+ encoder.json), OUT/chat and OUT/metrics.json (metrics, settings, seconds per stage).
+`--quick` is the shortened version the test suite runs end to end (tiny slides, a few steps: wiring, not quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from napari_pathflip.errors import PathflipError
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run (the full one reproduces the shipped weights)."""
+    train_slides: int = 128
+    test_slides: int = 64  # the retrieval target is R@1 among 64 slides
+    slide_size: int = 8192  # level-0 px; 32 x 32 patches of 256 px (the bundled demo slide is 12,288)
+    align_steps: int = 200
+    pretrain_steps: int = 700
+    lora_steps: int = 150
+    eval_slides: int | None = None  # None: the whole test split
+
+
+QUICK = DemoPlan(train_slides=8, test_slides=4, slide_size=3072, align_steps=3, pretrain_steps=4, lora_steps=3)
+
+
+def _corpus_job(args) -> None:
+    from training.data import build_synthetic_corpus
+    from training.synthetic import SyntheticConfig
+
+    out, split, seed0, count, size = args
+    build_synthetic_corpus(out, split, count, seed0=seed0, config=SyntheticConfig(width=size, height=size))
+
+
+def build_corpus(work: Path, plan: DemoPlan, processes: int = 2) -> None:
+    """Train and test splits under work/corpus, the slides shared out over `processes` single-threaded workers."""
+    from training.data import slide_name, write_text_files
+
+    jobs = []
+    for split, count in (("train", plan.train_slides), ("test", plan.test_slides)):
+        step = -(-count // processes)
+        jobs += [(work / "corpus", split, s, min(step, count - s), plan.slide_size) for s in range(0, count, step)]
+    # one BLAS/OpenMP thread per worker: two processes of two threads each on two cores run 3x slower
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        import multiprocessing
+
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_corpus_job, jobs))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    for split, count in (("train", plan.train_slides), ("test", plan.test_slides)):
+        write_text_files(work / "corpus" / split, [slide_name(split, s) for s in range(count)])
+
+
+def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), device: str = "cpu",
+             log=print) -> dict:
+    """Run every stage; returns (and writes to out/metrics.json) the metrics with the settings and timings."""
+    import torch
+
+    from napari_pathflip.model import PathFLIP
+    from training import align, instruct
+    from training.synth_eval import evaluate_alignment, summary
+
+    out, work = Path(out).resolve(), Path(work).resolve()
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = round(now - sum(seconds.values()) - started, 1)
+        log(f"demo: {name} done in {seconds[name]:.0f} s")
+
+    log(f"demo: corpus ({plan.train_slides} train + {plan.test_slides} test slides of {plan.slide_size} px)")
+    build_corpus(work, plan)
+    stage("corpus")
+
+    corpus = work / "corpus"
+    config = align.load_config(CONFIGS / "align_demo.toml", [
+        f'features = ["{corpus / "train" / "features"}"]', f'captions = ["{corpus / "train" / "captions.csv"}"]',
+        f'out_dir = "{work / "align"}"', f"max_steps = {plan.align_steps}", f'device = "{device}"',
+        f"checkpoint_every = {max(plan.align_steps // 3, 1)}",
+        f"warmup_steps = {min(30, max(plan.align_steps // 5, 1))}"])
+    final = align.train(config, resume=True)
+    pathflip = out / "pathflip"
+    if pathflip.exists():
+        shutil.rmtree(pathflip)
+    # shipped in float16 (half the bytes in the repository); everything below is measured on this copy
+    PathFLIP.from_pretrained(final).save_pretrained(pathflip, dtype=torch.float16)
+    shutil.copy(final / "encoder.json", pathflip / "encoder.json")
+    stage("align")
+
+    cfg = instruct.load_config(
+        CONFIGS / "instruct_demo.toml", weights=str(pathflip), features=str(corpus / "train" / "features"),
+        records=[str(corpus / "train" / "instruct.json")], out=str(work / "instruct"), chat_out=str(out / "chat"),
+        evaluate="", pretrain_steps=plan.pretrain_steps, steps=plan.lora_steps, device=device,
+        checkpoint_every=max(plan.lora_steps // 2, 1))
+    # a new PathFLIP means new visual tokens: never resume the chat from a run over other weights
+    if (work / "instruct").exists():
+        shutil.rmtree(work / "instruct")
+    chat = instruct.train(cfg)
+    stage("instruct")
+
+    alignment = evaluate_alignment(pathflip, corpus / "test", device=device, max_slides=plan.eval_slides)
+    chat_metrics = instruct.evaluate_chat(chat, pathflip, corpus / "test", out_dir=work / "eval", device=device,
+                                          max_slides=plan.eval_slides)
+    stage("evaluate")
+    headline = summary(alignment)
+    headline["vqa_accuracy"] = chat_metrics["vqa"]["accuracy"] if "vqa" in chat_metrics else None
+    captions = chat_metrics.get("captions", {})
+    headline.update({f"caption_{k}": v for k, v in captions.items() if k.startswith(("BLEU", "ROUGE"))})
+    result = {"headline": headline, "plan": asdict(plan), "device": device, "seconds": seconds,
+              "total_minutes": round(sum(seconds.values()) / 60, 1), "alignment": alignment,
+              "chat": {k: v for k, v in chat_metrics.items() if not k.endswith("_predictions")}}
+    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "sample_data" / "weights"),
+                        help="where pathflip/, chat/ and metrics.json go (default: the bundled sample_data/weights)")
+    parser.add_argument("--work", default=str(REPO / "runs" / "demo"), help="corpus, checkpoints and logs")
+    parser.add_argument("--quick", action="store_true", help="tiny slides and a few steps (the test suite's run)")
+    parser.add_argument("--device", default="cpu", help="cpu (the documented run) or cuda")
+    args = parser.parse_args(argv)
+    if Path(args.out).resolve() == Path(args.work).resolve():
+        raise PathflipError("--out and --work must be different folders")
+    result = run_demo(args.out, args.work, QUICK if args.quick else DemoPlan(), args.device)
+    json.dump({"headline": result["headline"], "seconds": result["seconds"],
+               "total_minutes": result["total_minutes"]}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
