@@ -46,8 +46,9 @@ class ExtractionConfig:
     amp: bool = True  # bf16 autocast on CUDA (encoders that are plain statistics opt out)
     channels_last: bool = True  # on CUDA
     prefetch_factor: int = 2  # batches each worker reads ahead
-    # multiprocessing start method of the readers; None: fork from a single-threaded process, else forkserver
-    # (forking a process that runs other threads, such as napari's GUI and its workers, can leave the copy broken)
+    # multiprocessing start method of the readers. None: fork when called from the main thread (scripts, the CLI),
+    # forkserver when called from another thread (napari's workers: forking a process whose GUI thread runs can
+    # leave the copy broken; a forkserver child starts clean but re-imports the __main__ script, as spawn does)
     worker_start_method: str | None = None
     cpu_threads: int | None = None  # torch threads while encoding on CPU; None keeps torch's setting
     allow_pickle: bool = False  # let encoders load pickle checkpoints (CONCH's pytorch_model.bin)
@@ -59,7 +60,8 @@ def _worker_context(config: ExtractionConfig):
 
     method = config.worker_start_method
     if method is None:
-        if threading.active_count() == 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        if threading.current_thread() is threading.main_thread() or (
+                "forkserver" not in multiprocessing.get_all_start_methods()):
             return None
         method = "forkserver"
     context = multiprocessing.get_context(method)

@@ -144,3 +144,28 @@ def test_torchrun_two_cpu_processes(split, tmp_path):
         "rng-rank0.safetensors", "rng-rank1.safetensors"}
     model = PathFLIP.from_pretrained(out / "final")
     assert model.config.region_patches == 4 and model.config.patch_dim == 105
+
+
+def test_frozen_text_tower_trains_the_rest_and_encodes_each_text_once(split, tmp_path):
+    """freeze_text: the text path of the Q-Former keeps its BERT weights, cached texts give the tower's own
+    (dropout-free) output, and the vision side, text_proj and the query feed-forwards still learn."""
+    config = load_config(write_config(tmp_path, split, freeze_text=True, max_steps=3))
+    model = build_model(config, 105, build_dataset(config).slides)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "qformer.layers.0.self_attn.query.weight" in frozen and "qformer.embeddings.word_embeddings.weight" in frozen
+    assert not frozen & {"qformer.layers.0.cross_attn.query.weight", "qformer.layers.0.ffn_query.fc1.weight",
+                         "text_proj.weight", "patch_proj.weight", "qformer.query_tokens"}
+    texts = ["Central necrosis is present.", "Adipose tissue at the lower right.", "Central necrosis is present."]
+    cached = model.text_features(texts)  # model is in training mode: the tower still runs without dropout
+    assert len(model.text_cache) == 2
+    model.text_cache, plain = None, model.eval().text_features(texts)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-4)
+
+    out = train(config)
+    trained = PathFLIP.from_pretrained(out).state_dict()
+    start = build_model(config, 105, build_dataset(config).slides).state_dict()
+    for name in frozen:
+        assert torch.equal(trained[name], start[name]), name
+    assert not torch.equal(trained["text_proj.weight"], start["text_proj.weight"])
+    assert not torch.equal(trained["qformer.layers.0.cross_attn.query.weight"],
+                           start["qformer.layers.0.cross_attn.query.weight"])

@@ -237,13 +237,29 @@ def grab(widget) -> np.ndarray:
         .reshape(image.height(), image.width(), 4)
 
 
-def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, qtbot, tmp_path):
+def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, cache_dir, qtbot, tmp_path):
+    """A streamed answer drawn in the dock. With the shipped demo weights this is the README's screenshot: the demo
+    slide described by the demo chat model (greedy); without them, the CMU slide and the random fixture model."""
+    from napari_pathflip.analysis import default_chat_dir, default_weights_dir
+    from napari_pathflip.viewer.sample_data import DEMO_SLIDE, sample_data_dir
+
     viewer = make_napari_viewer(show=True)
-    viewer.open(str(wsi_dir / SLIDE), plugin="napari-pathflip")
     dock = ChatDock(viewer)
     viewer.window.add_dock_widget(dock, name="PathFLIP chat", area="right")
-    start(dock, analysis, qtbot, tokens=40)
-    _, answer = ask(dock, qtbot, "What are the key findings on this slide?")
+    shipped = default_weights_dir()
+    if (default_chat_dir(shipped) / CONFIG_NAME).is_file():
+        slide = sample_data_dir() / DEMO_SLIDE
+        viewer.open(str(slide), plugin="napari-pathflip")
+        demo = SlideAnalysis(slide, shipped, cache_dir, device="cpu")
+        demo.prepare()
+        dock.set_analysis(demo)
+        qtbot.waitUntil(lambda: dock.is_ready, timeout=ANSWER_WAIT_MS)
+        _, answer = ask(dock, qtbot, click=dock.describe_button)
+    else:
+        viewer.open(str(wsi_dir / SLIDE), plugin="napari-pathflip")
+        start(dock, analysis, qtbot, tokens=40)
+        _, answer = ask(dock, qtbot, "What are the key findings on this slide?")
+    viewer.window.resize(1500, 950)
     viewer.reset_view()
     folder = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
     folder.mkdir(parents=True, exist_ok=True)

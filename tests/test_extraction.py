@@ -205,14 +205,16 @@ def test_40x_slide_through_workers(slide_40x, tmp_path, cmu_reference):
 
 
 def test_readers_from_a_threaded_process_use_a_forkserver(cmu_path, tmp_path, cmu_reference):
-    """Like napari: extraction runs in a worker thread while the GUI thread lives (zarr's event-loop thread, too).
-    Readers are then not forked from the threaded process but from a clean forkserver, and the features are the same."""
+    """Like napari: extraction runs in a worker thread while the GUI thread lives. Readers are then not forked from
+    the threaded process but from a clean forkserver, and the features are the same. From the main thread (a script
+    without a `__main__` guard, the CLI) they are forked as before."""
     import threading
 
     from napari_pathflip.extraction import _worker_context
 
     config = ExtractionConfig(batch_size=8, num_workers=2, chunk_size=16)
-    assert _worker_context(ExtractionConfig(worker_start_method="fork")).get_start_method() == "fork"  # explicit wins
+    assert _worker_context(config) is None  # main thread: the platform default (fork on Linux)
+    assert _worker_context(ExtractionConfig(worker_start_method="spawn")).get_start_method() == "spawn"
     result = {}
     thread = threading.Thread(target=lambda: result.update(
         context=_worker_context(config), fs=extract_features(cmu_path, tmp_path, config=config)))

@@ -91,6 +91,12 @@ def test_inference_shapes(tokenizer):
     assert result.patch_scores.shape == (len(coords),)
     explained = np.isin(enc.patch_region, result.explained_regions)
     assert np.isfinite(result.patch_scores[explained]).all() and np.isnan(result.patch_scores[~explained]).all()
+    # the patch keys of explained regions are kept on the encoding; computed afresh they give the same scores
+    assert set(enc.patch_keys) == set(result.explained_regions.tolist())
+    again = model.ground(enc, "tumour", top_k=3)
+    enc.patch_keys.clear()
+    fresh = model.ground(enc, "tumour", top_k=3)
+    np.testing.assert_allclose(again.patch_scores, fresh.patch_scores, atol=1e-6, equal_nan=True)
     probs = model.classify(enc, ["a", "b", "c"])
     assert probs.shape == (3,) and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-5)
     assert model.classify(torch.stack([enc.slide_embedding] * 2), ["a", "b"]).shape == (2, 2)

@@ -68,6 +68,11 @@ class AlignConfig:
     # learning-rate multiplier of the parts that do not come from BERT (patch projection, cross-attention, queries,
     # mixer, projections, text-region attention, eta); 1 = one rate for all (the original code)
     new_lr_scale: float = 1.0
+    # Freeze the text tower (BERT embeddings, self-attention and text feed-forwards, which the queries share) and
+    # train the rest: cross-attention, query feed-forwards and tokens, patch projection, mixer, text_proj,
+    # text-region attention. Each distinct text then goes through BERT once (model.text_cache); on the demo corpus a
+    # step costs a third as much, so more steps fit in the demo's time. The paper tunes the whole Q-Former (False).
+    freeze_text: bool = False
     # --- subcaptions (spec: K = 8, merge 1-3 sentences, consecutive or random)
     subcaptions: int = 8
     max_merge: int = 3
@@ -199,7 +204,7 @@ def build_model(config: AlignConfig, patch_dim: int, slides=None):
             raise PathflipError(f"{config.init_weights} expects {model.config.patch_dim}-d patch features but the "
                                 f"training features are {patch_dim}-d: use features of the same encoder")
         model.config.max_regions = config.max_regions
-        return model.train()
+        return freeze_text_tower(model) if config.freeze_text else model.train()
     overrides = {"patch_dim": patch_dim, **config.model, "max_regions": config.max_regions}
     try:
         model_config = PathFLIPConfig.paper(**overrides) if config.paper_sizes else PathFLIPConfig(**overrides)
@@ -214,6 +219,15 @@ def build_model(config: AlignConfig, patch_dim: int, slides=None):
         model = PathFLIP(model_config, _load_tokenizer(bert_dir))
     if config.standardize_patches and slides is not None:
         standardize_patch_proj(model, *feature_statistics(slides))
+    return freeze_text_tower(model) if config.freeze_text else model.train()
+
+
+def freeze_text_tower(model):
+    """AlignConfig.freeze_text: no gradient for the text path of the Q-Former, each text encoded once."""
+    for name, p in model.qformer.named_parameters():
+        if name.startswith("embeddings.") or ".self_attn." in name or ".ffn." in name:
+            p.requires_grad_(False)
+    model.text_cache = {}
     return model.train()
 
 

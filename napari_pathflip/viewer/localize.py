@@ -192,7 +192,7 @@ class LocalizePanel(QGroupBox):
         """Ground the current text (called by the debounce timer and when the level or top-k changes).
 
         Region level first: it costs one text encoding, so the heatmap follows every keystroke; the patch-level
-        attribution (a gradient pass through the top regions) follows as a second job unless a newer query
+        scores (each patch of the top regions through the Q-Former on its own) follow as a second job unless a newer query
         supersedes it."""
         text = self.query.text().strip()
         if not text:
