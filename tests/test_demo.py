@@ -60,16 +60,28 @@ def test_shipped_metrics_are_what_the_readme_reports(shipped):
         assert f"| {metrics['headline'][key]:.2f} |" in rows[key], (key, metrics["headline"][key], rows[key])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap of the shipped demo chat (README, 'Demo weights'): its multiple-choice accuracy on the test split is "
-    "near chance (0.28, target 0.9); the tiny LLM learned the answer format and captions but not to read the "
-    "visual tokens, so the demo slide's questions are not answered correctly yet"))
-def test_demo_chat_answers_the_demo_slide_questions_by_the_slidebench_rule(shipped):
+def _demo_slide_answers(shipped) -> list[tuple[str, str, str]]:
+    """(letter the chat chose, true letter, answer) for each multiple-choice question of the demo slide."""
     analysis, engine = shipped
     visual = analysis.prepare()  # the same slide encoding the workspace and `pathflip chat` use
-    letters = []
+    answers = []
     for question in demo_spec().questions:
         answer = engine.conversation(visual).ask_choice(question.question, question.options)
-        letters.append((vqa_choice(answer.text), question.answer, answer.text))
-    correct = [got == want for got, want, _ in letters]
-    assert all(correct), letters
+        answers.append((vqa_choice(answer.text), question.answer, answer.text))
+    return answers
+
+
+def test_demo_chat_answers_most_demo_slide_questions_by_the_slidebench_rule(shipped):
+    """At least 3 of the demo slide's 4 questions answered right by the SlideBench rule (a chooser at chance does
+    this 5% of the time); the shipped chat gets 3 (README, 'Demo weights')."""
+    answers = _demo_slide_answers(shipped)
+    assert len(answers) == 4
+    assert sum(got == want for got, want, _ in answers) >= 3, answers
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known gap of the shipped demo chat (README, 'Demo weights'): multiple-choice accuracy 0.48 on the test split "
+    "(target 0.9); on the demo slide it answers 3 of 4, missing 'Which of the following is present?'"))
+def test_demo_chat_answers_every_demo_slide_question_by_the_slidebench_rule(shipped):
+    answers = _demo_slide_answers(shipped)
+    assert all(got == want for got, want, _ in answers), answers

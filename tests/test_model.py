@@ -106,14 +106,15 @@ def test_inference_shapes(tokenizer):
 # ----------------------------------------------------------------------------------------------------- masking
 def _encode_batch(model, slides):
     feats = [torch.from_numpy(f) for f, _ in slides]
-    index = [torch.from_numpy(group_regions(c, PATCH, 4, 16).index) for _, c in slides]
-    slide_tok, region_tok = model._visual_tokens(feats, index)
-    slide_emb, region_emb, valid, _ = model._mix(slide_tok, region_tok)
+    layouts = [group_regions(c, PATCH, 4, 16) for _, c in slides]
+    slide_tok, region_tok = model._visual_tokens(feats, [torch.from_numpy(lay.index) for lay in layouts])
+    slide_emb, region_emb, valid, _ = model._mix(slide_tok, region_tok, [lay.positions for lay in layouts])
     return slide_emb, region_emb, valid
 
 
-def test_padding_and_row_order_change_nothing(tokenizer):
-    model = tiny_model(tokenizer).eval()
+@pytest.mark.parametrize("positions", ["none", "fourier"])
+def test_padding_and_row_order_change_nothing(tokenizer, positions):
+    model = tiny_model(tokenizer, region_positions=positions).eval()
     small = random_slide(cols=8, rows=4, keep=0.6, seed=3)  # sparse: regions padded to the fullest one
     big = random_slide(cols=16, rows=12, keep=0.9, seed=5)  # more patches and regions: pads `small` in a batch
     with torch.no_grad():
@@ -161,6 +162,33 @@ def test_mixer_own_path_reproduces_region_embeddings(tokenizer):
     torch.testing.assert_close(h, enc.region_embeddings[regions], atol=1e-5, rtol=1e-5)
 
 
+def test_region_positions_tell_mirrored_slides_apart(tokenizer):
+    """Without positions the mixer sees an unordered set of regions: a left-right mirrored slide (same regions,
+    other places) encodes to the same slide embedding. With "fourier" positions it does not, and a region
+    holding one patch gets that patch's one-patch-region key back exactly (the patch-level path adds its region's
+    position too)."""
+    feats, coords = random_slide(cols=12, rows=8, keep=1.0)
+    mirrored = np.stack([11 * PATCH - coords[:, 0], coords[:, 1]], 1)
+    lone = np.array([[16 * PATCH, 4 * PATCH]])  # region column 4: a region of one patch
+    feats_lone = np.concatenate([feats, np.random.default_rng(9).standard_normal((1, feats.shape[1]))]).astype(
+        np.float32)
+    plain = tiny_model(tokenizer).eval()
+    torch.testing.assert_close(plain.encode_slide(feats, mirrored, PATCH).slide_embedding,
+                               plain.encode_slide(feats, coords, PATCH).slide_embedding, atol=1e-5, rtol=1e-5)
+    model = tiny_model(tokenizer, region_positions="fourier").eval()
+    with torch.no_grad():
+        model.region_position.weight.normal_(std=0.5)  # as after training: positions matter
+    a, b = (model.encode_slide(feats, c, PATCH).slide_embedding for c in (coords, mirrored))
+    assert float(F.cosine_similarity(a, b, dim=0)) < 0.999
+    enc = model.encode_slide(feats_lone, np.concatenate([coords, lone]), PATCH)
+    region = int(enc.patch_region[-1])
+    assert (enc.patch_region == region).sum() == 1
+    model.ground(enc, "tumour", top_k=1, explain_regions=enc.num_regions)
+    torch.testing.assert_close(enc.patch_keys[region][0], enc.region_keys[region], atol=1e-5, rtol=1e-5)
+    with pytest.raises(PathflipError, match="region_positions"):
+        PathFLIPConfig(region_positions="rope")
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 def _ce(logits, target, smoothing=0.0):
     logp = [x - math.log(sum(math.exp(y) for y in logits)) for x in logits]
@@ -194,8 +222,10 @@ def test_region_loss_matches_hand_computation(mode, scale):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def test_gradients_reach_every_parameter(tokenizer):
-    model = tiny_model(tokenizer, dropout=0.1, attention_dropout=0.1, mixer_dropout=0.1).train()
+@pytest.mark.parametrize("positions", ["none", "fourier"])
+def test_gradients_reach_every_parameter(tokenizer, positions):
+    model = tiny_model(tokenizer, dropout=0.1, attention_dropout=0.1, mixer_dropout=0.1,
+                       region_positions=positions).train()
     slides = [SlideInput(*random_slide(seed=s), PATCH) for s in range(3)]
     captions = ["tumour with necrosis.", "normal lung.", "lymphocytes and stroma."]
     subcaptions = [["tumour", "necrosis"], ["normal lung", "alveoli"], ["lymphocytes", "stroma"]]
@@ -212,7 +242,7 @@ def test_training_samples_at_most_max_regions(tokenizer):
     model = tiny_model(tokenizer, max_regions=2).train()
     seen = []
     original = model._mix
-    model._mix = lambda s, r: seen.append([t.shape[0] for t in r]) or original(s, r)
+    model._mix = lambda s, r, p: seen.append([t.shape[0] for t in r]) or original(s, r, p)
     slides = [SlideInput(*random_slide(seed=s), PATCH) for s in range(2)]
     model(slides, ["a", "b"], [["a"], ["b"]], generator=torch.Generator().manual_seed(0))
     assert seen == [[2, 2]]

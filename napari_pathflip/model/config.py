@@ -48,6 +48,13 @@ class PathFLIPConfig:
     # default, the original code) our synthetic runs collapsed every region embedding onto the slide summary,
     # which leaves the text-region attention nothing to localise.
     mixer_norm_first: bool = True
+    # "none" (the paper): the mixer sees regions as an unordered set, so the slide embedding cannot tell "tumour in
+    # the upper left part" from "tumour in the lower right part". "fourier": each region token gets a learned
+    # projection of Fourier features of its centre within the slide's tissue extent (both axes scaled to [0, 1])
+    # before the mixer. On the synthetic test split, captions that differ only in where findings lie are 72% of
+    # the slides: a position-blind model can reach at most R@1 0.28 there (18 distinct finding sets in 64 slides).
+    region_positions: str = "none"
+    position_frequencies: int = 4
     # --- text-region attention (paper eq. 5)
     text_region_heads: int = 8
     # --- text
@@ -73,6 +80,8 @@ class PathFLIPConfig:
     def __post_init__(self) -> None:
         if self.text_pooling not in ("cls", "mean"):
             raise PathflipError(f"text_pooling must be \"cls\" or \"mean\", not {self.text_pooling!r}")
+        if self.region_positions not in ("none", "fourier"):
+            raise PathflipError(f"region_positions must be \"none\" or \"fourier\", not {self.region_positions!r}")
         if self.eta_mode not in ETA_MODES:
             raise PathflipError(f"eta_mode must be one of {ETA_MODES}, got {self.eta_mode!r}")
         if self.hidden_size % self.num_heads or self.embed_dim % self.text_region_heads:

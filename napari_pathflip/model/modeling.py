@@ -24,7 +24,7 @@ from ..errors import PathflipError
 from .config import PathFLIPConfig
 from .losses import logit_scale, region_sigmoid_loss, slide_contrastive_loss
 from .qformer import PatchGroup, QFormer, bert_key_map
-from .regions import RegionLayout, group_regions
+from .regions import RegionLayout, group_regions, region_positions
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -198,6 +198,9 @@ class PathFLIP(nn.Module):
                                               cfg.mixer_norm_first) for _ in range(cfg.mixer_layers))
         # pre-LN layers leave the residual stream un-normalised: one LayerNorm on the mixer output
         self.mixer_norm = nn.LayerNorm(cfg.embed_dim) if cfg.mixer_norm_first else nn.Identity()
+        # region position embedding (config.region_positions): Fourier features of the region centre -> d
+        self.region_position = (nn.Linear(4 * cfg.position_frequencies, cfg.embed_dim)
+                                if cfg.region_positions == "fourier" else None)
         self.text_region = TextRegionAttention(cfg.embed_dim, cfg.text_region_heads)
         self.eta = nn.Parameter(torch.tensor(float(cfg.eta_init)))
         self.text_cache: dict | None = None  # {(text, max_length): pooled tower output}, see text_features
@@ -358,8 +361,24 @@ class PathFLIP(nn.Module):
         region_tokens = self.vision_proj(q_regions.mean(1)).split(regions_per_slide)
         return self.vision_proj(q_slides.mean(1)), list(region_tokens)
 
-    def _mix(self, slide_tokens: torch.Tensor, region_tokens: Sequence[torch.Tensor]):
-        """Mixer over [slide; regions]: slide embeddings [B, d], region embeddings [B, N, d], valid [B, N]."""
+    def _position_embedding(self, positions) -> torch.Tensor | None:
+        """[N, d] embedding of region centres [N, 2] in (0, 1), or None when the model has no positions."""
+        if self.region_position is None:
+            return None
+        pos = self._as_tensor(positions)
+        angles = pos[:, :, None] * (math.pi * torch.arange(1, self.config.position_frequencies + 1,
+                                                           device=pos.device, dtype=pos.dtype))
+        return self.region_position(torch.cat([angles.sin(), angles.cos()], -1).flatten(1))
+
+    def _mix(self, slide_tokens: torch.Tensor, region_tokens: Sequence[torch.Tensor], positions=None):
+        """Mixer over [slide; regions]: slide embeddings [B, d], region embeddings [B, N, d], valid [B, N].
+
+        positions: per slide [N_b, 2] region centres (RegionLayout.positions), used when the model has a region
+        position embedding."""
+        if self.region_position is not None:
+            if positions is None:
+                raise PathflipError("this model embeds region positions: pass them to _mix")
+            region_tokens = [r + self._position_embedding(p).to(r.dtype) for r, p in zip(region_tokens, positions)]
         counts = [r.shape[0] for r in region_tokens]
         x = nn.utils.rnn.pad_sequence(list(region_tokens), batch_first=True)
         x = torch.cat([slide_tokens[:, None], x], dim=1)
@@ -393,7 +412,7 @@ class PathFLIP(nn.Module):
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
             index = torch.from_numpy(layout.index).to(self.device)
             slide_tok, region_tok = self._slide_tokens(feats, index)
-            slide_emb, region_emb, _, inputs = self._mix(slide_tok, region_tok)
+            slide_emb, region_emb, _, inputs = self._mix(slide_tok, region_tok, [layout.positions])
             keys = self.text_region.key(region_emb[0])
         return SlideEncoding(
             slide_embedding=slide_emb[0].float(), region_embeddings=region_emb[0].float(), region_keys=keys.float(),
@@ -459,6 +478,9 @@ class PathFLIP(nn.Module):
         single = PatchGroup(valid=torch.ones(len(rows), 1, dtype=torch.bool, device=self.device))
         q = self.qformer.encode_queries(self.patch_proj(feats[rows]), [single], self.config.region_batch)[0]
         h = self.vision_proj(q.mean(1))
+        where = self._position_embedding(region_positions(encoding.region_grid)[regions])
+        if where is not None:
+            h = h + where[parent]
         positions = torch.from_numpy(regions + 1).to(self.device)[parent]  # position 0 is the slide token
         for layer, context in zip(self.mixer, encoding.mixer_inputs.to(self.device)):
             h = layer.forward_at(h, context, positions)
@@ -501,19 +523,20 @@ class PathFLIP(nn.Module):
         if len(num_sub) != 1 or 0 in num_sub:
             raise PathflipError(f"every slide needs the same number K > 0 of subcaptions, got {sorted(num_sub)}")
         B, K = len(slides), num_sub.pop()
-        feats, indices = [], []
+        feats, indices, positions = [], [], []
         for s in slides:
             layout = self._layout(np.asarray(s.coords.cpu() if torch.is_tensor(s.coords) else s.coords),
                                   s.patch_size_level0)
-            index = torch.from_numpy(layout.index)
+            index, where = torch.from_numpy(layout.index), torch.from_numpy(layout.positions)
             if self.training and index.shape[0] > cfg.max_regions:
                 keep = torch.randperm(index.shape[0], generator=generator)[:cfg.max_regions].sort().values
-                index = index[keep]
+                index, where = index[keep], where[keep]  # positions stay those within the whole slide
                 index = index[:, : int((index >= 0).sum(1).max())]  # drop all-padding columns
             feats.append(self._as_tensor(s.features))
             indices.append(index.to(self.device))
+            positions.append(where)
         slide_tok, region_tok = self._visual_tokens(feats, indices)
-        slide_emb, region_emb, valid, _ = self._mix(slide_tok, region_tok)
+        slide_emb, region_emb, valid, _ = self._mix(slide_tok, region_tok, positions)
 
         caption_emb = self.text_features(captions, cfg.max_caption_tokens)
         flat = [text for subs in subcaptions for text in subs]

@@ -21,6 +21,18 @@ class RegionLayout:
     def num_regions(self) -> int:
         return self.index.shape[0]
 
+    @property
+    def positions(self) -> np.ndarray:
+        return region_positions(self.grid)
+
+
+def region_positions(grid: np.ndarray) -> np.ndarray:
+    """[N, 2] float32 (x, y) centre of each region cell within the extent of the slide's regions, each axis in
+    (0, 1): relative to the tissue, as a pathologist's "upper left part of the section" is."""
+    grid = np.asarray(grid, dtype=np.float64)
+    low, high = grid.min(0), grid.max(0)
+    return ((grid - low + 0.5) / (high - low + 1)).astype(np.float32)
+
 
 def group_regions(coords, patch_size_level0: int, region_patches: int = 16,
                   max_patches: int = 256) -> RegionLayout:
