@@ -564,9 +564,16 @@ def _load_tokenizer(directory: Path, required: bool = True):
         if required:
             raise PathflipError(f"no tokenizer files (tokenizer.json or vocab.txt) in {directory}")
         return None
-    from transformers import AutoTokenizer
+    import transformers
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    # the class the folder names (BertTokenizer for every BERT): AutoTokenizer would also read our config.json,
+    # whose model_type "pathflip" transformers does not know, and warn about it on every load
+    settings = directory / "tokenizer_config.json"
+    name = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        cls = transformers.AutoTokenizer
+    return cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
 def _load_state_dict(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
