@@ -60,6 +60,24 @@ def test_grid_on_cmu_is_level0_and_inside_tissue(cmu, cmu_pixels):
     assert [0, 0] not in grid.coords.tolist()
 
 
+def test_pale_fat_touching_the_section_is_tissue():
+    """Adipose tissue (white cells, thin septa) lies below the Otsu saturation threshold; the hysteresis down to
+    pale_saturation keeps it, glass stays out. Truth: the demo slide's patch labels (training.synthetic)."""
+    from napari_pathflip.viewer.sample_data import DEMO_SLIDE, sample_data_dir
+    from training.synthetic import FAT, demo_spec
+
+    spec = demo_spec()
+    coords, labels = spec.tissue_patches()
+    fat, tissue = set(map(tuple, coords[labels == FAT])), set(map(tuple, coords))
+    with open_slide(sample_data_dir() / DEMO_SLIDE) as slide:
+        grids = {pale: set(map(tuple, build_grid(slide, TilingConfig(pale_saturation=pale)).coords))
+                 for pale in (0.05, 1.0)}
+    kept, otsu_only = grids[0.05], grids[1.0]
+    assert len(fat) >= 30 and fat <= kept and tissue <= kept
+    assert len(kept - tissue) <= 0.03 * len(kept)  # glass adds only a rim of edge patches
+    assert len(fat & otsu_only) <= 0.1 * len(fat)  # Otsu alone loses the fat
+
+
 def test_min_tissue_fraction_controls_the_grid(cmu):
     loose = build_grid(cmu, TilingConfig(min_tissue_fraction=0.01))
     strict = build_grid(cmu, TilingConfig(min_tissue_fraction=0.9))
