@@ -2,8 +2,9 @@
 
 Data flow (paper, with regions from coordinates):
     features [P, D_in] --patch_proj--> tokens [P, d_v] --Q-Former (region pass + slide pass, one set of weights)-->
-    mean of query outputs --vision_proj--> region tokens [N, d], slide token [d] --mixer over [slide; regions]-->
-    slide embedding v, region embeddings v_n.  Text: BERT [CLS] --text_proj--> t.
+    mean of query outputs --vision_proj--> region tokens [N, d] (+ optional position embedding), slide token [d]
+    --mixer over [slide; regions]--> slide embedding v, region embeddings v_n.
+    Text: BERT [CLS] (or the token mean, config.text_pooling) --text_proj--> t.
     Text-region attention (eq. 5): queries W_q t, keys W_k v_n, values W_v v_n, 8 heads, no residual, no norm.
 """
 

@@ -192,8 +192,8 @@ class LocalizePanel(QGroupBox):
         """Ground the current text (called by the debounce timer and when the level or top-k changes).
 
         Region level first: it costs one text encoding, so the heatmap follows every keystroke; the patch-level
-        scores (each patch of the top regions through the Q-Former on its own) follow as a second job unless a newer query
-        supersedes it."""
+        scores (each patch of the top regions through the Q-Former on its own) follow as a second job unless a
+        newer query supersedes it."""
         text = self.query.text().strip()
         if not text:
             self.runner.invalidate()
