@@ -95,6 +95,18 @@ def main() -> None:
     print(f"ground, region level, new text, {enc.num_regions} regions [cpu]: {percentiles(region_times)}")
     print(f"ground, + patch level for top 5 regions [cpu]: {percentiles(patch_times)}")
 
+    # weights with a patch-text head (python -m training patch-head) score every patch with one product
+    model.add_patch_head()
+    enc = model.encode_slide(feats, coords, PATCH)
+    head_times = []
+    for text in texts:
+        start = time.perf_counter()
+        model.ground(enc, text, top_k=5)
+        head_times.append(time.perf_counter() - start)
+    print(f"ground with a patch-text head, regions + all {len(coords)} patches, new text [cpu]: "
+          f"{percentiles(head_times)}")
+    model.patch_head, model.config.patch_head = None, False  # encode_slide timings below as before
+
     bench_encode(model, args, torch.device("cpu"))
     if torch.cuda.is_available():
         cuda = torch.device("cuda")

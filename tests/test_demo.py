@@ -12,8 +12,8 @@ from training.metrics import vqa_choice
 from training.synthetic import demo_spec
 
 HEADLINE = ("retrieval_text_to_slide_R@1", "retrieval_slide_to_text_R@1", "region_pointing_sentence",
-            "region_pointing_phrase", "region_auroc_sentence", "patch_pointing_sentence", "patch_auroc_sentence",
-            "patch_auroc_phrase", "vqa_accuracy", "caption_bleu_4", "caption_rouge_l")
+            "region_pointing_phrase", "region_auroc_sentence", "patch_pointing_sentence", "patch_pointing_phrase",
+            "patch_auroc_sentence", "patch_auroc_phrase", "vqa_accuracy", "caption_bleu_4", "caption_rouge_l")
 
 
 def test_quick_demo_writes_loadable_weights_chat_and_metrics(tmp_path):
@@ -23,7 +23,7 @@ def test_quick_demo_writes_loadable_weights_chat_and_metrics(tmp_path):
     for key in HEADLINE:
         assert 0.0 <= metrics["headline"][key] <= 1.0, key
     assert metrics["alignment"]["n_slides"] == demo.QUICK.test_slides
-    assert set(metrics["seconds"]) == {"corpus", "align", "instruct", "evaluate"}
+    assert set(metrics["seconds"]) == {"corpus", "align", "patch_head", "instruct", "evaluate"}
     assert json.loads((out / "pathflip" / "encoder.json").read_text()) == {"encoder": "builtin"}
     # the folders are laid out as the plugin expects: chat beside the weights, both loadable
     assert default_chat_dir(out / "pathflip") == out / "chat"
@@ -58,6 +58,9 @@ def test_shipped_metrics_are_what_the_readme_reports(shipped):
     for key in HEADLINE:
         assert key in rows, f"README has no table row for `{key}`"
         assert f"| {metrics['headline'][key]:.2f} |" in rows[key], (key, metrics["headline"][key], rows[key])
+        attention = metrics["headline"].get(f"{key}_attention")  # the same figure with eq. 5 attention alone
+        if attention is not None:
+            assert f"| {attention:.2f} |" in rows[key], (key, attention, rows[key])
 
 
 def _demo_slide_answers(shipped) -> list[tuple[str, str, str]]:

@@ -269,6 +269,51 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     np.testing.assert_allclose(a.patch_scores, b.patch_scores, equal_nan=True, atol=1e-7)
 
 
+def test_patch_head_scores_every_patch_and_keeps_the_attention_path(tokenizer, tmp_path):
+    model = tiny_model(tokenizer).eval()
+    feats, coords = random_slide()
+    plain = model.encode_slide(feats, coords, PATCH)
+    attention = model.ground(plain, "necrosis", top_k=3)
+    with pytest.raises(PathflipError, match="patch-head"):
+        model.ground(plain, "necrosis", method="patch_head")
+
+    torch.manual_seed(1)
+    head = model.add_patch_head()
+    with torch.no_grad():  # a head that is not the identity at init: random text map, nonzero feature statistics
+        head.text.weight.normal_(std=0.3)
+        head.feature_mean.normal_()
+    enc = model.encode_slide(feats, coords, PATCH)
+    assert enc.patch_embeddings.shape == (len(coords), 32)
+    result = model.ground(enc, "necrosis", top_k=3)
+    assert result.method == "patch_head" and attention.method == "attention"
+    # every patch scored with a probability; a region's probability lies between its patches' mean and max
+    assert np.isfinite(result.patch_scores).all() and ((result.patch_scores > 0) & (result.patch_scores < 1)).all()
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    for region in range(enc.num_regions):
+        own = logit(result.patch_scores[enc.patch_region == region])
+        assert own.mean() - 1e-6 <= logit(result.region_scores[region]) <= own.max() + 1e-6
+    assert result.top_boxes[0, 4] == result.region_scores.max()
+    # the paper's mechanism stays available and unchanged
+    again = model.ground(enc, "necrosis", top_k=3, method="attention")
+    np.testing.assert_array_equal(again.region_scores, attention.region_scores)
+
+    # patch scores follow the patches when the rows are permuted (positions come from coordinates)
+    perm = np.random.default_rng(0).permutation(len(coords))
+    shuffled = model.ground(model.encode_slide(feats[perm], coords[perm], PATCH), "necrosis")
+    np.testing.assert_allclose(shuffled.patch_scores, result.patch_scores[perm], rtol=1e-5)
+
+    # saved and reloaded weights, and a cached encoding without patch features, ground the same
+    model.save_pretrained(tmp_path / "weights")
+    loaded = PathFLIP.from_pretrained(tmp_path / "weights")
+    assert loaded.config.patch_head and loaded.patch_head is not None
+    enc.save(tmp_path / "slide.npz", include_features=False)
+    cached = SlideEncoding.load(tmp_path / "slide.npz")
+    assert cached.patch_features is None
+    b = loaded.ground(cached, "necrosis", top_k=3)
+    np.testing.assert_allclose(b.patch_scores, result.patch_scores, rtol=1e-6)
+    np.testing.assert_allclose(b.region_scores, result.region_scores, rtol=1e-6)
+
+
 def test_half_precision_save_and_mean_text_pooling(tokenizer, tmp_path):
     """save_pretrained(dtype=float16) halves the file and reloads as float32 close to the original; text_pooling
     "mean" survives the config round trip and averages over real tokens only (padding changes nothing)."""

@@ -10,6 +10,7 @@ COMMANDS = {
     "instruct": ("training.instruct", "instruction-tune projector + LoRA LLM into a chat folder; `instruct eval`"),
     "corpus": ("training.data", "build a synthetic split: features, captions, VQA, instructions, truth"),
     "align": ("training.align", "alignment pretraining of PathFLIP (slide and region losses)"),
+    "patch-head": ("training.patch_head", "train the patch-text grounding head on frozen PathFLIP weights"),
     "demo": ("training.demo", "rebuild sample_data/weights (corpus, align, instruct, evaluate) in one command"),
     "evaluate": ("training.evaluate", "evaluate retrieval, zero-shot, VQA, captions, grounding"),
 }

@@ -3,6 +3,7 @@
 Stages, each resumable (a rerun skips finished slides and reuses the run folder):
   1. corpus: synthetic train and test splits (training.data), built by two processes (one per core);
   2. align: PathFLIP from all-MiniLM-L6-v2 over built-in encoder features (configs/align_demo.toml);
+  2b. patch-head: the patch-text grounding head on the frozen aligned weights (training/patch_head.py);
   3. instruct: the tiny Qwen3-architecture chat LLM, projector + LoRA (configs/instruct_demo.toml);
   4. evaluate on the test split (layouts never seen in training): retrieval among all test slides, zero-shot,
      grounding (pointing game, AUROC), VQA with the SlideBench rule, caption BLEU/ROUGE.
@@ -39,10 +40,12 @@ class DemoPlan:
     # 1200 (+10 LoRA); the LLM learns to read the visual tokens late, so the chat's time goes there
     pretrain_steps: int = 1100
     lora_steps: int = 30
+    patch_head_steps: int = 600
     eval_slides: int | None = None  # None: the whole test split
 
 
-QUICK = DemoPlan(train_slides=8, test_slides=4, slide_size=3072, align_steps=3, pretrain_steps=4, lora_steps=3)
+QUICK = DemoPlan(train_slides=8, test_slides=4, slide_size=3072, align_steps=3, pretrain_steps=4, lora_steps=3,
+                 patch_head_steps=3)
 
 
 def _corpus_job(args) -> None:
@@ -97,6 +100,7 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
 
     from napari_pathflip.model import PathFLIP
     from training import align, instruct
+    from training.patch_head import PatchHeadConfig, train_patch_head
     from training.synth_eval import evaluate_alignment
 
     out, work = Path(out).resolve(), Path(work).resolve()
@@ -126,6 +130,11 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
     PathFLIP.from_pretrained(final).save_pretrained(pathflip, dtype=torch.float16)
     shutil.copy(final / "encoder.json", pathflip / "encoder.json")
     stage("align")
+
+    # in place: the head is added, every other tensor is written back unchanged (float16 -> float16)
+    train_patch_head(pathflip, [corpus / "train" / "features"], [corpus / "train" / "captions.csv"],
+                     config=PatchHeadConfig(steps=plan.patch_head_steps, device=device), log=log)
+    stage("patch_head")
 
     cfg = instruct.load_config(
         CONFIGS / "instruct_demo.toml", weights=str(pathflip), features=str(corpus / "train" / "features"),

@@ -70,9 +70,10 @@ def load_split(split_dir: str | Path):
     return ids, captions, feats, truths
 
 
-def _grounding_rows(model, encoding, truth: Truth, text: str, mask: np.ndarray):
+def _grounding_rows(model, encoding, truth: Truth, text: str, mask: np.ndarray, method: str = "auto"):
     """Region and patch scores of one query with their truth (region: >= min overlap of the mask)."""
-    result = model.ground(encoding, text, top_k=1, patch_level=True, explain_regions=encoding.num_regions)
+    result = model.ground(encoding, text, top_k=1, patch_level=True, explain_regions=encoding.num_regions,
+                          method=method)
     boxes = encoding.region_boxes.astype(np.float64)
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     region_truth = metrics.box_mask_fraction(mask, truth.patch_size, xywh) >= metrics.GroundingConfig().region_min_overlap
@@ -110,17 +111,19 @@ def evaluate_alignment(weights: str | Path, split_dir: str | Path, device: str =
                            **metrics.zero_shot_metrics(probs, labels)}
     out["zero_shot"] = zero_shot
 
-    for kind in ("sentence", "phrase"):
-        rows = {"region_scores": [], "region_truth": [], "patch_scores": [], "patch_truth": []}
-        for encoding, truth in zip(encodings, truths):
-            for name, sentence, mask in zip(truth.names, truth.sentences, truth.masks):
-                text = sentence if kind == "sentence" else PHRASES.get(name, name)
-                r, rt, p, pt = _grounding_rows(model, encoding, truth, text, mask)
-                rows["region_scores"].append(r)
-                rows["region_truth"].append(rt)
-                rows["patch_scores"].append(p)
-                rows["patch_truth"].append(pt)
-        out[f"grounding_{kind}"] = metrics.grounding_metrics(**rows)
+    # grounding as the viewer does it (the patch-text head when the weights have one), and with the paper's eq. 5
+    # attention alone for comparison
+    methods = {"": "auto", "_attention": "attention"} if model.patch_head is not None else {"": "auto"}
+    for suffix, method in methods.items():
+        for kind in ("sentence", "phrase"):
+            rows = {"region_scores": [], "region_truth": [], "patch_scores": [], "patch_truth": []}
+            for encoding, truth in zip(encodings, truths):
+                for name, sentence, mask in zip(truth.names, truth.sentences, truth.masks):
+                    text = sentence if kind == "sentence" else PHRASES.get(name, name)
+                    r, rt, p, pt = _grounding_rows(model, encoding, truth, text, mask, method)
+                    for key, value in zip(rows, (r, rt, p, pt)):
+                        rows[key].append(value)
+            out[f"grounding_{kind}{suffix}"] = metrics.grounding_metrics(**rows)
     return out
 
 
@@ -128,13 +131,14 @@ def summary(result: dict) -> dict:
     """The headline numbers of `evaluate_alignment` (the README table and the demo's targets)."""
     line = {"retrieval_text_to_slide_R@1": result["retrieval"]["text_to_slide"]["R@1"],
             "retrieval_slide_to_text_R@1": result["retrieval"]["slide_to_text"]["R@1"]}
-    for kind in ("sentence", "phrase"):
-        g = result.get(f"grounding_{kind}")
-        if g:
-            line[f"region_pointing_{kind}"] = g["region"]["pointing_game"]
-            line[f"region_auroc_{kind}"] = g["region"]["auroc_mean"]
-            line[f"patch_pointing_{kind}"] = g["patch"]["pointing_game"]
-            line[f"patch_auroc_{kind}"] = g["patch"]["auroc_mean"]
+    for suffix in ("", "_attention"):
+        for kind in ("sentence", "phrase"):
+            g = result.get(f"grounding_{kind}{suffix}")
+            if g:
+                line[f"region_pointing_{kind}{suffix}"] = g["region"]["pointing_game"]
+                line[f"region_auroc_{kind}{suffix}"] = g["region"]["auroc_mean"]
+                line[f"patch_pointing_{kind}{suffix}"] = g["patch"]["pointing_game"]
+                line[f"patch_auroc_{kind}{suffix}"] = g["patch"]["auroc_mean"]
     for task, z in result.get("zero_shot", {}).items():
         line[f"zero_shot_{task}_accuracy"] = z["accuracy"]
     return line

@@ -74,6 +74,14 @@ class PathFLIPConfig:
     # (grounding top-1 0.68 / 0.70 / 0.85), while linear keeps a margin to gain and grounded 0.90 / 1.00 / 0.85.
     eta_mode: str = "linear"
     eta_max: float = 100.0  # clamp of the logit scale (CLIP clamps exp(eta) at 100)
+    # --- patch-text head (optional, trained after alignment by `python -m training patch-head`): each patch gets
+    # an embedding from its feature and its position within the tissue, compared with an adapted text embedding.
+    # It exists because the paper's losses supervise regions and slides only: with the demo weights, one patch
+    # scored through eq. 5 ranked the finding's patches with AUROC 0.65 and the top patch fell inside it 52% of the
+    # time ("necrosis" peaked on the tumour rim), while a linear probe on the same patch features separates every
+    # finding (see training/patch_head.py for the objective and the measured gain).
+    patch_head: bool = False
+    patch_head_pool: float = 10.0  # r of the log-sum-exp pooling of patch scores into region/slide scores
     # --- inference
     zero_shot_temperature: float = 0.1  # softmax(cos / T) in classify(); matches the training temperature
 
@@ -86,6 +94,8 @@ class PathFLIPConfig:
             raise PathflipError(f"eta_mode must be one of {ETA_MODES}, got {self.eta_mode!r}")
         if self.hidden_size % self.num_heads or self.embed_dim % self.text_region_heads:
             raise PathflipError("hidden_size must divide by num_heads and embed_dim by text_region_heads")
+        if self.patch_head_pool <= 0:
+            raise PathflipError(f"patch_head_pool must be positive, got {self.patch_head_pool}")
         if self.embed_dim % self.mixer_heads:
             raise PathflipError("embed_dim must divide by mixer_heads")
 

@@ -6,6 +6,8 @@ Data flow (paper, with regions from coordinates):
     --mixer over [slide; regions]--> slide embedding v, region embeddings v_n.
     Text: BERT [CLS] (or the token mean, config.text_pooling) --text_proj--> t.
     Text-region attention (eq. 5): queries W_q t, keys W_k v_n, values W_v v_n, 8 heads, no residual, no norm.
+    Optional patch-text head (patch_head.py, trained afterwards on the frozen model): patch embeddings from
+    features + position, compared with the text; when present it is what `ground` uses by default.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from ..errors import PathflipError
 from .config import PathFLIPConfig
 from .losses import logit_scale, region_sigmoid_loss, slide_contrastive_loss
+from .patch_head import PatchTextHead, patch_positions
 from .qformer import PatchGroup, QFormer, bert_key_map
 from .regions import RegionLayout, group_regions, region_positions
 
@@ -69,6 +72,8 @@ class SlideEncoding:
     # {region: eq. 5 keys [patches of the region, d] of its patches as one-patch regions}: text-independent, filled
     # by ground on first use of a region, so later texts cost one product (not saved)
     patch_keys: dict = field(default_factory=dict, repr=False, compare=False)
+    # [P, d] normalised patch embeddings of the patch-text head (models that have one)
+    patch_embeddings: torch.Tensor | None = None
 
     @property
     def num_regions(self) -> int:
@@ -84,6 +89,8 @@ class SlideEncoding:
                       sizes=np.array([self.patch_size_level0, self.region_size_level0], dtype=np.int64))
         if include_features and self.patch_features is not None:
             arrays["patch_features"] = self.patch_features.detach().float().cpu().numpy()
+        if self.patch_embeddings is not None:
+            arrays["patch_embeddings"] = self.patch_embeddings.detach().float().cpu().numpy()
         np.savez(path, **arrays)
 
     @classmethod
@@ -92,22 +99,25 @@ class SlideEncoding:
             a = {k: data[k] for k in data.files}
         tensors = {k: torch.from_numpy(a.pop(k)) for k in ("slide_embedding", "region_embeddings", "region_keys",
                                                           "mixer_inputs")}
-        feats = a.pop("patch_features", None)
+        optional = {k: torch.from_numpy(a.pop(k)) for k in ("patch_features", "patch_embeddings") if k in a}
         sizes = a.pop("sizes")
-        return cls(**tensors, **a, patch_size_level0=int(sizes[0]), region_size_level0=int(sizes[1]),
-                   patch_features=None if feats is None else torch.from_numpy(feats))
+        return cls(**tensors, **a, **optional, patch_size_level0=int(sizes[0]), region_size_level0=int(sizes[1]))
 
 
 @dataclass
 class GroundingResult:
+    """Scores of one text on one slide. method "attention": region_scores are the head-averaged eq. 5 attention of
+    the text over regions (they sum to 1) and patch_scores the head-averaged eq. 5 logit of each patch of the
+    explained regions taken as a one-patch region in its region's place, NaN for the other patches. method
+    "patch_head": both are probabilities that the region / the patch shows the text (patch-text head), every patch
+    scored."""
     text: str
-    region_scores: np.ndarray  # [N] head-averaged eq. 5 attention of the text over regions (sums to 1)
+    region_scores: np.ndarray  # [N]
     top_regions: np.ndarray  # [k] region indices, best first
     top_boxes: np.ndarray  # [k, 5] level-0 (x0, y0, x1, y1, score)
-    # [P] aligned with encoding.patch_coords: the head-averaged text logit of each patch of the explained regions
-    # taken as a one-patch region in its region's place (see PathFLIP.ground); NaN for the other patches.
-    patch_scores: np.ndarray | None = None
+    patch_scores: np.ndarray | None = None  # [P] aligned with encoding.patch_coords
     explained_regions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    method: str = "attention"
 
 
 # ------------------------------------------------------------------------------------------------------ modules
@@ -205,7 +215,18 @@ class PathFLIP(nn.Module):
         self.text_region = TextRegionAttention(cfg.embed_dim, cfg.text_region_heads)
         self.eta = nn.Parameter(torch.tensor(float(cfg.eta_init)))
         self.text_cache: dict | None = None  # {(text, max_length): pooled tower output}, see text_features
+        self.patch_head: PatchTextHead | None = None
         self.apply(self._init_weights)
+        if cfg.patch_head:
+            self.add_patch_head()
+
+    def add_patch_head(self) -> PatchTextHead:
+        """Give the model a freshly initialised patch-text head (config.patch_head becomes True)."""
+        cfg = self.config
+        cfg.patch_head = True
+        self.patch_head = PatchTextHead(cfg.patch_dim, cfg.embed_dim, cfg.position_frequencies,
+                                        cfg.patch_head_pool).to(self.eta.device)
+        return self.patch_head
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -415,12 +436,16 @@ class PathFLIP(nn.Module):
             slide_tok, region_tok = self._slide_tokens(feats, index)
             slide_emb, region_emb, _, inputs = self._mix(slide_tok, region_tok, [layout.positions])
             keys = self.text_region.key(region_emb[0])
+            patch_emb = None
+            if self.patch_head is not None:
+                where = torch.from_numpy(patch_positions(coords_np, patch_size_level0)).to(self.device)
+                patch_emb = self.patch_head.embed_patches(feats.float(), where).float()
         return SlideEncoding(
             slide_embedding=slide_emb[0].float(), region_embeddings=region_emb[0].float(), region_keys=keys.float(),
             mixer_inputs=inputs[0].float(), region_boxes=layout.boxes, region_grid=layout.grid,
             region_index=layout.index, patch_region=layout.patch_region, patch_coords=coords_np,
             patch_size_level0=int(patch_size_level0), region_size_level0=layout.region_size_level0,
-            patch_features=feats if keep_features else None)
+            patch_features=feats if keep_features else None, patch_embeddings=patch_emb)
 
     def _layout(self, coords: np.ndarray, patch_size_level0: int) -> RegionLayout:
         cfg = self.config
@@ -428,9 +453,12 @@ class PathFLIP(nn.Module):
 
     # -------------------------------------------------------------------------------------------------- grounding
     def ground(self, encoding: SlideEncoding, text: str, top_k: int = 5, patch_level: bool = True,
-               explain_regions: int | None = None) -> GroundingResult:
+               explain_regions: int | None = None, method: str = "auto") -> GroundingResult:
         """Where on the slide is `text`?
 
+        method "patch_head" (what "auto" picks when the encoding has patch-text head embeddings): every patch gets
+        the head's probability that it shows the text, each region the probability from its patches' pooled score;
+        one product with the cached patch embeddings. method "attention" (the paper's mechanism, "auto" otherwise):
         Region scores: head-averaged eq. 5 attention of the text over the slide's regions (paper Fig. 4); costs one
         text encoding plus a [heads, N] softmax against the cached keys.
         Patch scores (patch_level=True): in each of the `explain_regions` (default top_k) best regions, every patch
@@ -441,18 +469,39 @@ class PathFLIP(nn.Module):
         near chance on the synthetic test split: patch AUROC 0.56 against 0.73 for this score with the demo weights.)
         Patches of regions not explained get NaN.
         """
+        if method not in ("auto", "attention", "patch_head"):
+            raise PathflipError(f"grounding method must be auto, attention or patch_head, not {method!r}")
+        has_head = self.patch_head is not None and encoding.patch_embeddings is not None
+        if method == "patch_head" and not has_head:
+            raise PathflipError("patch_head grounding needs weights with a patch-text head (train one with "
+                                "`python -m training patch-head`) and a slide encoded with them")
         t = self.encode_text([text])[0]
+        if method != "attention" and has_head:
+            return self._ground_with_head(encoding, text, t, top_k, patch_level)
         with torch.inference_mode():
             logits = self.text_region.logits(t[None].to(self.device), encoding.region_keys.to(self.device))
             scores = logits[:, 0].softmax(-1).mean(0).float().cpu().numpy()
-        k = min(top_k, len(scores))
-        top = np.argsort(-scores, kind="stable")[:k]
-        boxes = np.concatenate([encoding.region_boxes[top].astype(np.float64), scores[top, None]], axis=1)
-        result = GroundingResult(text=text, region_scores=scores, top_regions=top, top_boxes=boxes)
+        result = _ranked(encoding, text, scores, top_k)
         if patch_level and encoding.patch_features is not None:
-            explain = np.argsort(-scores, kind="stable")[:min(explain_regions or k, len(scores))]
+            explain = np.argsort(-scores, kind="stable")[:min(explain_regions or top_k, len(scores))]
             result.patch_scores = self._patch_attribution(encoding, t, explain)
             result.explained_regions = explain
+        return result
+
+    @torch.inference_mode()
+    def _ground_with_head(self, encoding: SlideEncoding, text: str, t: torch.Tensor, top_k: int,
+                          patch_level: bool) -> GroundingResult:
+        head = self.patch_head
+        similarity = encoding.patch_embeddings.to(self.device) @ head.embed_text(t.to(self.device))  # [P]
+        index = torch.from_numpy(encoding.region_index).to(self.device)
+        pooled = head.pooled(similarity[index.clamp(min=0)], index >= 0)
+        # float64 probabilities: in float32 sigmoid rounds confident scores to exactly 1 and ties the top items
+        probability = lambda logits: torch.sigmoid(logits.double()).cpu().numpy()  # noqa: E731
+        result = _ranked(encoding, text, probability(head.logits(pooled)), top_k)
+        result.method = "patch_head"
+        if patch_level:
+            result.patch_scores = probability(head.logits(similarity))
+            result.explained_regions = np.arange(encoding.num_regions)
         return result
 
     @torch.inference_mode()
@@ -560,6 +609,13 @@ class PathFLIP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
+def _ranked(encoding: SlideEncoding, text: str, scores: np.ndarray, top_k: int) -> GroundingResult:
+    """A grounding result from region scores: the top_k regions, best first, with their boxes."""
+    top = np.argsort(-scores, kind="stable")[:min(top_k, len(scores))]
+    boxes = np.concatenate([encoding.region_boxes[top].astype(np.float64), scores[top, None]], axis=1)
+    return GroundingResult(text=text, region_scores=scores, top_regions=top, top_boxes=boxes)
+
+
 def _load_tokenizer(directory: Path, required: bool = True):
     if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         if required:

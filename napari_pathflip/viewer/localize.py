@@ -26,7 +26,8 @@ from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 HEATMAP = "PathFLIP heatmap"
 BOXES = "PathFLIP boxes"
 DEBOUNCE_MS = 30  # short: a grounding costs milliseconds and the LatestRunner coalesces bursts anyway
-LEVELS = ("patches", "regions")  # patch-level attribution inside the top regions, or region attention only
+# patch scores (every patch with a patch-text head, else those of the top regions), or region scores only
+LEVELS = ("patches", "regions")
 
 # inferno's key colours with an alpha ramp: the low end is transparent so the slide shows through weak scores
 _HEAT_COLOURS = np.array([[0, 0, 4, 0], [87, 16, 110, 150], [188, 55, 84, 230], [249, 142, 9, 255],
@@ -103,7 +104,8 @@ class LocalizePanel(QGroupBox):
                                   "attention only (4096-px windows)")
         self.level_box.currentIndexChanged.connect(self.request)
         self.top_k = QSpinBox(minimum=1, maximum=50, value=5)
-        self.top_k.setToolTip("How many top regions to box (and explain at patch level)")
+        self.top_k.setToolTip("How many top regions to box (weights without a patch-text head: and explain at "
+                              "patch level)")
         self.top_k.valueChanged.connect(self.request)
         self.opacity = QSlider(Qt.Orientation.Horizontal, minimum=0, maximum=100, value=70)
         self.opacity.valueChanged.connect(self._restyle)

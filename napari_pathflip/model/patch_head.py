@@ -1,0 +1,83 @@
+"""Patch-text head: a patch-level grounding score trained on top of frozen PathFLIP weights.
+
+Data flow:
+    patch features [P, D_in] --standardise--> Linear --+--> normalise --> patch embeddings e_p [P, d]
+    patch centre within the tissue extent --Fourier--> Linear --+
+    PathFLIP text embedding t [d] (frozen) --Linear (identity at init)--> normalise --> u [d]
+    patch score s_p = cos(e_p, u); region/slide score = exp(a) * LSE_r(s_p over its patches) + b  (a logit).
+
+Training (training/patch_head.py) treats each slide as a bag of patches: the slide's pooled score for a sentence
+must be high when the sentence is in the slide's caption and low otherwise, so only patches that show the finding
+can carry it. Everything else in PathFLIP stays frozen: slide and region embeddings, and with them the chat's
+visual tokens, do not change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def patch_positions(coords: np.ndarray, patch_size_level0: int) -> np.ndarray:
+    """[P, 2] float32 (x, y) centre of each patch within the extent of the slide's patches, each axis in (0, 1)
+    (the patch-grid counterpart of regions.region_positions)."""
+    cells = np.floor_divide(np.asarray(coords, dtype=np.int64), int(patch_size_level0)).astype(np.float64)
+    low, high = cells.min(0), cells.max(0)
+    return ((cells - low + 0.5) / (high - low + 1)).astype(np.float32)
+
+
+class PatchTextHead(nn.Module):
+    def __init__(self, patch_dim: int, embed_dim: int, frequencies: int, pool: float):
+        super().__init__()
+        self.frequencies = frequencies
+        self.pool = pool
+        # feature standardisation, set from the training features (the head's input scale is the encoder's)
+        self.register_buffer("feature_mean", torch.zeros(patch_dim))
+        self.register_buffer("feature_std", torch.ones(patch_dim))
+        self.features = nn.Linear(patch_dim, embed_dim)
+        self.position = nn.Linear(2 + 4 * frequencies, embed_dim)
+        self.text = nn.Linear(embed_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-5.0))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer in (self.features, self.position):
+            layer.reset_parameters()
+        nn.init.eye_(self.text.weight)  # starts as PathFLIP's own text embedding
+        nn.init.zeros_(self.text.bias)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(10.0))
+            self.logit_bias.fill_(-5.0)
+
+    def position_features(self, positions: torch.Tensor) -> torch.Tensor:
+        """[P, 2] positions in (0, 1) -> [P, 2 + 4F]: the positions and their sines/cosines at octaves of pi."""
+        angles = positions[:, :, None] * (math.pi * 2.0 ** torch.arange(self.frequencies, device=positions.device,
+                                                                        dtype=positions.dtype))
+        return torch.cat([positions, angles.sin().flatten(1), angles.cos().flatten(1)], dim=1)
+
+    def embed_patches(self, features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """L2-normalised patch embeddings [..., P, d] from features [..., P, D_in] and positions [..., P, 2]."""
+        x = (features - self.feature_mean) / self.feature_std
+        where = self.position_features(positions.reshape(-1, 2)).reshape(*positions.shape[:-1], -1)
+        return F.normalize(self.features(x) + self.position(where), dim=-1)
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """[..., d] PathFLIP text embeddings -> the head's normalised text embeddings."""
+        return F.normalize(self.text(text), dim=-1)
+
+    def pooled(self, similarity: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-sum-exp mean over the last axis (the patches of a bag), masked by `valid`: between the mean (r -> 0)
+        and the max (r -> inf)."""
+        r = self.pool
+        if valid is None:
+            return (torch.logsumexp(r * similarity, -1) - math.log(similarity.shape[-1])) / r
+        scaled = (r * similarity).masked_fill(~valid, float("-inf"))
+        return (torch.logsumexp(scaled, -1) - valid.sum(-1).clamp(min=1).to(similarity.dtype).log()) / r
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled * self.logit_scale.exp() + self.logit_bias
