@@ -181,10 +181,15 @@ def feature_statistics(slides, max_slides: int = 256) -> tuple[torch.Tensor, tor
     return mean.float(), (square / count - mean * mean).clamp(min=0).sqrt().float()
 
 
+def live_dimensions(std: torch.Tensor) -> torch.Tensor:
+    """Feature dimensions that vary (std above 1e-6 of the largest): the others are constant, not to be scaled."""
+    return std > 1e-6 * std.max()
+
+
 def standardize_patch_proj(model, mean: torch.Tensor, std: torch.Tensor) -> None:
     """patch_proj(x) = W ((x - mean) / std) with W random of unit output scale; constant dimensions get weight 0."""
     proj = model.patch_proj
-    live = std > 1e-6 * std.max()
+    live = live_dimensions(std)
     scale = torch.where(live, 1.0 / std.clamp(min=1e-12), torch.zeros_like(std))
     with torch.no_grad():
         weight = torch.randn(proj.out_features, proj.in_features) / math.sqrt(max(int(live.sum()), 1))

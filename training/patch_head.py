@@ -93,9 +93,11 @@ def _bags(slides, records) -> tuple[list[str], list[list[int]], list[str]]:
     return ids, [sorted(index[s] for s in sentences[i]) for i in ids], vocab
 
 
-def bag_loss(head, texts: torch.Tensor, slides, bags: list[list[int]], synonym_threshold: float) -> torch.Tensor:
+def bag_loss(head, texts: torch.Tensor, slides, bags: list[list[int]], synonym_threshold: float,
+             sharpness: float | None = None) -> torch.Tensor:
     """The objective on one batch: slides (SlideInput), bags (their sentences' rows of `texts`, the frozen
-    PathFLIP text embeddings of the vocabulary). Mean BCE over the used (sentence, slide) pairs."""
+    PathFLIP text embeddings of the vocabulary). Mean BCE over the used (sentence, slide) pairs; `sharpness`: the
+    pooling's r (default: the head's own)."""
     from napari_pathflip.model.patch_head import patch_positions
 
     device = texts.device
@@ -112,7 +114,7 @@ def bag_loss(head, texts: torch.Tensor, slides, bags: list[list[int]], synonym_t
     weight = torch.where(labels > 0, 1.0, (~near).float())
     patches = head.embed_patches(feats, where)  # [B, P, d]
     similarity = head.embed_text(texts[used]) @ patches.transpose(1, 2)  # [B, T, P]
-    logits = head.logits(head.pooled(similarity, valid[:, None])).T  # [T, B]
+    logits = head.logits(head.pooled(similarity, valid[:, None], sharpness)).T  # [T, B]
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum") / weight.sum()
 
 
@@ -120,21 +122,19 @@ def _fit(head, texts, slides, ids, bags, config: PatchHeadConfig, log) -> None:
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     batch = min(config.batch_slides, len(ids))
-    final_pool = head.pool
     warmup = max(config.pool_warmup * config.steps, 1.0)
     started = time.perf_counter()
     for step in range(1, config.steps + 1):
-        head.pool = config.pool_start + (final_pool - config.pool_start) * min(1.0, step / warmup)
+        sharpness = config.pool_start + (head.pool - config.pool_start) * min(1.0, step / warmup)
         chosen = rng.choice(len(ids), batch, replace=False)
         loss = bag_loss(head, texts, [slides[ids[b]] for b in chosen], [bags[b] for b in chosen],
-                        config.synonym_threshold)
+                        config.synonym_threshold, sharpness)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % config.log_every == 0 or step == config.steps:
-            log(f"patch-head step {step}/{config.steps} loss {loss.item():.4f} (pooling r {head.pool:.1f}, "
+            log(f"patch-head step {step}/{config.steps} loss {loss.item():.4f} (pooling r {sharpness:.1f}, "
                 f"{time.perf_counter() - started:.0f} s)")
-    head.pool = final_pool
 
 
 @torch.no_grad()
@@ -155,7 +155,7 @@ def train_patch_head(weights: str | Path, features, captions, out: str | Path | 
 
     features: feature folders (as for alignment); captions: caption sources (SlideBench CSV, LLaVA JSON)."""
     from napari_pathflip.model import PathFLIP
-    from training.align import feature_statistics
+    from training.align import feature_statistics, live_dimensions
     from training.data import FeatureSlides
     from training.sources import read_records
 
@@ -181,7 +181,7 @@ def train_patch_head(weights: str | Path, features, captions, out: str | Path | 
     torch.manual_seed(config.seed)
     head = model.add_patch_head()
     head.feature_mean.copy_(mean.to(device))
-    head.feature_std.copy_(torch.where(std > 1e-6 * std.max(), std, torch.ones_like(std)).to(device))
+    head.feature_std.copy_(torch.where(live_dimensions(std), std, torch.ones_like(std)).to(device))
     _fit(head, texts, slides, ids, bags, config, log)
     log(f"patch-head: loss over the training slides {_full_loss(head, texts, slides, ids, bags, config):.4f}")
 

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .regions import region_positions
+
 
 def patch_positions(coords: np.ndarray, patch_size_level0: int) -> np.ndarray:
-    """[P, 2] float32 (x, y) centre of each patch within the extent of the slide's patches, each axis in (0, 1)
-    (the patch-grid counterpart of regions.region_positions)."""
-    cells = np.floor_divide(np.asarray(coords, dtype=np.int64), int(patch_size_level0)).astype(np.float64)
-    low, high = cells.min(0), cells.max(0)
-    return ((cells - low + 0.5) / (high - low + 1)).astype(np.float32)
+    """[P, 2] float32 (x, y) centre of each patch within the extent of the slide's patches, each axis in (0, 1):
+    regions.region_positions on the patch grid."""
+    return region_positions(np.floor_divide(np.asarray(coords, dtype=np.int64), int(patch_size_level0)))
 
 
 class PatchTextHead(nn.Module):
@@ -70,12 +70,10 @@ class PatchTextHead(nn.Module):
         """[..., d] PathFLIP text embeddings -> the head's normalised text embeddings."""
         return F.normalize(self.text(text), dim=-1)
 
-    def pooled(self, similarity: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(self, similarity: torch.Tensor, valid: torch.Tensor, sharpness: float | None = None) -> torch.Tensor:
         """Log-sum-exp mean over the last axis (the patches of a bag), masked by `valid`: between the mean (r -> 0)
-        and the max (r -> inf)."""
-        r = self.pool
-        if valid is None:
-            return (torch.logsumexp(r * similarity, -1) - math.log(similarity.shape[-1])) / r
+        and the max (r -> inf). r is the model's `pool` unless `sharpness` is given (the training schedule)."""
+        r = self.pool if sharpness is None else sharpness
         scaled = (r * similarity).masked_fill(~valid, float("-inf"))
         return (torch.logsumexp(scaled, -1) - valid.sum(-1).clamp(min=1).to(similarity.dtype).log()) / r
 
