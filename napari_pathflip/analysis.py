@@ -181,6 +181,11 @@ def _stream_answer(stream) -> None:
     answer = stream.result()
     if answer.notice:
         print(f"[{answer.notice}]")
+    if answer.option_scores:
+        from .chat import option_shares
+
+        shares = sorted(option_shares(answer.option_scores).items(), key=lambda item: -item[1])
+        print("[options as the model ranks them: " + ", ".join(f"{k} {v:.0%}" for k, v in shares) + "]")
 
 
 def _chat_engine(args, analysis: SlideAnalysis):
@@ -206,8 +211,10 @@ def chat_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     analysis = _analysis(args)
     conversation = _chat_engine(args, analysis).conversation(analysis.prepare())
-    question = conversation.choice_prompt(args.question, args.option) if args.option else args.question
-    _stream_answer(conversation.stream(question))
+    if args.option:
+        _stream_answer(conversation.stream_choice(args.question, args.option))
+    else:
+        _stream_answer(conversation.stream(args.question))
     return 0
 
 

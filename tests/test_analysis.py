@@ -1,6 +1,8 @@
 """`pathflip ground` / `pathflip classify` end to end on the real CMU slide with small random weights."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -63,3 +65,13 @@ def test_chat_and_caption_stream_answers(weights, chat_folder, wsi_dir, tmp_path
         assert len(answer) > 1 and answer.endswith("\n")  # random weights: some streamed text, then a newline
     missing = main(["chat", *common[:-2], "--chat", str(tmp_path / "nothing"), "hello"])
     assert missing == 2 and "chat" in capsys.readouterr().err.lower()
+
+    # a chat folder that ranks the options: the answer starts with one of them and the shares follow it
+    ranked = shutil.copytree(chat_folder, tmp_path / "ranked_chat")
+    config = json.loads((ranked / "chat_config.json").read_text())
+    (ranked / "chat_config.json").write_text(json.dumps({**config, "choice_rule": "rank"}))
+    assert main(["chat", *common[:-2], "--chat", str(ranked), "Which tissue?", "--option", "skin", "--option",
+                 "lung"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(("A. skin.", "B. lung.")), lines
+    assert re.fullmatch(r"\[options as the model ranks them: [AB] \d+%, [AB] \d+%\]", lines[-1]), lines

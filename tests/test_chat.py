@@ -21,6 +21,8 @@ from napari_pathflip.chat import (
     cap_visual_tokens,
     collate_training_examples,
     format_choice_prompt,
+    option_answer,
+    option_shares,
     splice_visual,
     tokenize_conversation,
 )
@@ -326,6 +328,26 @@ def test_multi_turn_history_is_carried(llm, tokenizer):
     assert answer.prompt_tokens == len(stream.prompt) and len(conversation.history) == 4
 
 
+def test_history_turns_limits_the_context_not_the_history(llm, tokenizer):
+    """config.history_turns: how many earlier exchanges the model is given; the history itself keeps everything."""
+    exchanges = [("Diagnosis?", "Invasive ductal carcinoma."), ("Grade?", "Grade 2."), ("Margins?", "Clear.")]
+    past = [{"role": role, "content": text} for q, a in exchanges for role, text in (("user", q), ("assistant", a))]
+    for keep, expected in ((None, 3), (1, 1), (0, 0)):
+        engine = make_engine(llm, tokenizer, history_turns=keep)
+        conversation = engine.conversation(visual(4))
+        conversation.history = list(past)
+        stream = conversation.stream("Lymphovascular invasion?", GREEDY)
+        stream.result()
+        fed = tokenizer.decode(stream.prompt.input_ids.tolist())
+        assert sum(q in fed for q, _ in exchanges) == expected, (keep, fed)
+        assert fed.count(IMAGE_TOKEN) == 5 and "Lymphovascular invasion?" in fed  # the image always comes first
+        assert len(conversation.history) == 8 and conversation.history[:6] == past
+        if keep == 1:
+            assert "Margins?" in fed and "Clear." in fed and "Grade?" not in fed
+    with pytest.raises(PathflipError, match="history_turns"):
+        ChatConfig(history_turns=-1)
+
+
 def test_region_tokens_are_capped_and_reported(llm, tokenizer):
     rows = visual(2000)
     capped, pooled = cap_visual_tokens(rows, 1025, "adaptive_avg")
@@ -416,8 +438,63 @@ def test_projector_and_lora_learn_two_slides(llm, tokenizer):
         loss.backward()
         optimiser.step()
     trained = ChatEngine(peft_llm.eval(), tokenizer, config, projector.eval())
-    for slide, answer in zip(slides, answers):
-        reply = trained.conversation(slide).ask_choice(question, options,
-                                                       GenerationSettings(max_new_tokens=40))
-        assert reply.text == answer and reply.finish_reason == "eos"
+    turns = [{"role": "user", "content": prompt}]
+    for own, (slide, answer) in enumerate(zip(slides, answers)):
+        reply = trained.conversation(slide).ask_choice(question, options, GenerationSettings(max_new_tokens=40))
+        assert reply.text == answer and reply.finish_reason == "eos" and reply.option_scores is None
         assert vqa_choice(reply.text) == answer[0]
+        # each slide's own learned answer is the likelier of the two
+        scores = trained.score_answers(slide, turns, answers)
+        assert scores[own] > scores[1 - own], scores
+    # ranking the options' own words is not for a chat trained on free reasons: the shorter option wins
+    ranked = trained.conversation(slides[0]).ask_choice(question, options, rule="rank")
+    assert vqa_choice(ranked.text) == "C" and ranked.text.startswith(option_answer("C", "Lymphoma"))
+
+
+def test_score_answers_equals_the_log_probability_of_each_answer(llm, tokenizer):
+    """The batched, right-padded scoring equals each answer's own log-probability under the full forward pass."""
+    engine = make_engine(llm, tokenizer)
+    slide = visual(5, seed=3)
+    turns = [{"role": "user", "content": "Which pattern is seen?"}]
+    answers = ["A. Solid.", "B. Cribriform glands with central necrosis.", "C. Papillary."]
+    scores = engine.score_answers(slide, turns, answers)
+    vis = engine.encode_visual(slide)
+    prompt = tokenize_conversation(tokenizer, len(vis), turns, engine.config, add_generation_prompt=True)
+    for answer, score in zip(answers, scores):
+        tail = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids = torch.cat([prompt.input_ids, torch.tensor(tail)])[None]
+        with torch.no_grad():
+            embeds = splice_visual(engine.embed_tokens(ids), [vis.embeds], [prompt.image_start])
+            logp = llm(inputs_embeds=embeds).logits[0].float().log_softmax(-1)
+        expected = sum(float(logp[len(prompt) - 1 + i, token]) for i, token in enumerate(tail))
+        assert score == pytest.approx(expected, abs=1e-3)
+    assert len(set(scores)) == 3 and all(s < 0 for s in scores)
+    with pytest.raises(PathflipError, match="non-empty answer"):
+        engine.score_answers(slide, turns, [])
+
+
+def test_ranked_choice_starts_with_the_best_option_and_streams_it_first(llm, tokenizer):
+    engine = make_engine(llm, tokenizer, choice_rule="rank")
+    options = {"A": "Grade 1", "B": "Grade 2", "C": "", "D": "Grade 3."}
+    conversation = engine.conversation(visual(8, seed=5))
+    stream = conversation.stream_choice("What is the grade?", options, GenerationSettings(max_new_tokens=20))
+    pieces = list(stream)
+    answer = stream.answer
+    assert set(answer.option_scores) == {"A", "B", "D"}  # the empty option is not offered
+    best = max(answer.option_scores, key=answer.option_scores.get)
+    assert pieces[0] == option_answer(best, options[best]) == answer.text[:len(pieces[0])]
+    assert vqa_choice(answer.text) == best and "".join(pieces) == answer.text
+    assert answer.first_token_s is not None
+    shares = option_shares(answer.option_scores)
+    assert sum(shares.values()) == pytest.approx(1.0) and max(shares, key=shares.get) == best
+    # the answer joins the history like any other
+    assert conversation.history[-1] == {"role": "assistant", "content": answer.text}
+    assert conversation.history[-2]["content"] == conversation.choice_prompt("What is the grade?", options)
+    # a token budget shorter than the option's answer keeps the forced start and stops there
+    short = engine.conversation(visual(8, seed=5)).ask_choice("What is the grade?", options,
+                                                               GenerationSettings(max_new_tokens=1))
+    assert short.text == option_answer(best, options[best]) and short.finish_reason == "length"
+    with pytest.raises(PathflipError, match="choice rule"):
+        conversation.ask_choice("What is the grade?", options, rule="vote")
+    with pytest.raises(PathflipError, match="choice_rule"):
+        ChatConfig(choice_rule="vote")

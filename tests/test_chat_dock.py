@@ -174,6 +174,19 @@ def test_describe_and_multiple_choice_prompts(dock, analysis, qtbot):
                                    "C. Normal tissue", config.choice_instruction]
     shown = dock.transcript.toPlainText()
     assert "A. Adenocarcinoma" in shown and "C. Normal tissue" in shown and choice.text.strip()
+    assert choice.option_scores is None and "ranks them" not in shown  # this chat's rule: "generate"
+
+    # a chat that ranks the options (the demo chat): the answer starts with the best option, its share shown below
+    dock.engine.config.choice_rule = "rank"
+    try:
+        _, ranked = ask(dock, qtbot, click=dock.choice_button)
+    finally:
+        dock.engine.config.choice_rule = "generate"
+    best = max(ranked.option_scores, key=ranked.option_scores.get)
+    options = {"A": "Adenocarcinoma", "B": "Lymphoma", "C": "Normal tissue"}
+    assert set(ranked.option_scores) == set(options) and ranked.text.startswith(f"{best}. {options[best]}.")
+    assert f"options as the model ranks them: {best} " in dock.transcript.toPlainText()
+    assert dock.conversation.history[-1]["content"] == ranked.text  # the note is not part of the conversation
 
 
 def test_missing_or_broken_chat_folder_notifies_and_the_dock_recovers(dock, analysis, chat_folder, cache_dir,
@@ -239,7 +252,8 @@ def grab(widget) -> np.ndarray:
 
 def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, cache_dir, qtbot, tmp_path):
     """A streamed answer drawn in the dock. With the shipped demo weights this is the README's screenshot: the demo
-    slide described by the demo chat model (greedy); without them, the CMU slide and the random fixture model."""
+    slide described by the demo chat model (greedy) and one multiple-choice question (ranked); without them, the CMU
+    slide and the random fixture model."""
     from napari_pathflip.analysis import default_chat_dir, default_weights_dir
     from napari_pathflip.viewer.sample_data import DEMO_SLIDE, sample_data_dir
 
@@ -255,6 +269,17 @@ def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, cach
         dock.set_analysis(demo)
         qtbot.waitUntil(lambda: dock.is_ready, timeout=ANSWER_WAIT_MS)
         _, answer = ask(dock, qtbot, click=dock.describe_button)
+        # then a multiple-choice question from the form: the demo chat ranks the options, shares under the answer
+        from training.synthetic import demo_spec
+
+        question = next(q for q in demo_spec().questions if "centre" in q.question)
+        dock.choice_box.setChecked(True)
+        dock.choice_question.setText(question.question)
+        for letter, text in question.options.items():
+            dock.choice_options[letter].setText(text)
+        _, choice = ask(dock, qtbot, click=dock.choice_button)
+        assert choice.option_scores and "options as the model ranks them" in dock.transcript.toPlainText()
+        assert "answered from the slide alone" in dock.status.text()  # the demo chat's history_turns = 0
     else:
         viewer.open(str(wsi_dir / SLIDE), plugin="napari-pathflip")
         start(dock, analysis, qtbot, tokens=40)

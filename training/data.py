@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_pathflip.chat import option_answer
 from napari_pathflip.errors import PathflipError
 from napari_pathflip.features import FeatureSet, read_h5, write_h5
 from napari_pathflip.model import SlideInput
@@ -184,7 +185,7 @@ def write_text_files(split_dir: str | Path, slide_ids: Sequence[str]) -> None:
             vqa.append({"ID": str(len(vqa) + 1), "Slide": reference, "Tumor": TUMOR_NAME,
                         "Broad Category": "Microscopy", "Narrow Category": _narrow_category(q["question"]),
                         "Question": q["question"], **dict(zip(OPTION_LETTERS, options)), "Answer": q["answer"]})
-            answer = f"{q['answer']}. {q['options'][q['answer']].rstrip('.')}."
+            answer = option_answer(q["answer"], q["options"][q["answer"]])
             conversations.append({"id": f"{slide_id}-q{k}", "image": [reference], "conversations": [
                 {"from": "human", "value": "<image>\n" + format_choice_question(q["question"], options)},
                 {"from": "gpt", "value": answer}]})

@@ -88,6 +88,8 @@ def headline(alignment: dict, chat_metrics: dict) -> dict:
 
     out = summary(alignment)
     out["vqa_accuracy"] = chat_metrics["vqa"]["accuracy"] if "vqa" in chat_metrics else None
+    if "vqa_generate" in chat_metrics:  # the letter from greedy decoding instead of ranking the options
+        out["vqa_accuracy_generate"] = chat_metrics["vqa_generate"]["accuracy"]
     out.update({f"caption_{k}": v for k, v in chat_metrics.get("captions", {}).items()
                 if k.startswith(("bleu", "rouge"))})
     return out

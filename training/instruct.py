@@ -555,8 +555,9 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
     """Score a chat folder on a split folder (vqa.csv, captions.csv, features/<slide_id>.h5), greedy decoding.
 
     VQA: `metrics.vqa_accuracy` (SlideBench rule, overall and per Broad Category) on answers to the engine's own
-    choice prompt; captions: `metrics.caption_metrics` (BLEU-1..4, ROUGE-L) of the answer to each caption row's
-    question. Writes <out_dir>/vqa_predictions.csv and caption_predictions.csv (ID,response; the first is what
+    choice prompt with the chat config's choice_rule; when that is "rank", also "vqa_generate": the same questions
+    with the letter left to greedy decoding (for comparison); captions: `metrics.caption_metrics` (BLEU-1..4,
+    ROUGE-L) of the answer to each caption row's question. Writes <out_dir>/vqa_predictions.csv and caption_predictions.csv (ID,response; the first is what
     `python -m training evaluate vqa --questions <split>/vqa.csv --predictions ...` scores).
     `max_slides` keeps the first slides of the split (quick checks). Returns a JSON-ready dict.
     """
@@ -584,11 +585,14 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
     choice_settings = GenerationSettings(**{**asdict(engine.config.generation), "do_sample": False,
                                             "max_new_tokens": 64})
     started = time.perf_counter()
-    vqa_rows, caption_rows = [], []
+    vqa_rows, caption_rows, generated = [], [], []
     for q in questions:
         stem, options = choice_parts(q.turns[0][0])
         answer = engine.conversation(rows[q.slide_id]).ask_choice(stem, options, choice_settings)
         vqa_rows.append((q.id, answer.text))
+        if engine.config.choice_rule == "rank":  # for comparison: the letter as greedy decoding writes it
+            generated.append(engine.conversation(rows[q.slide_id]).ask_choice(stem, options, choice_settings,
+                                                                              rule="generate").text)
     for c in captions:
         answer = engine.conversation(rows[c.slide_id]).ask(c.turns[0][0], caption_settings)
         caption_rows.append((c.id, answer.text))
@@ -599,6 +603,9 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
         result["vqa"] = metrics.vqa_accuracy([responses[q.id] for q in questions], [q.answer for q in questions],
                                              [q.category for q in questions])
         result["vqa_predictions"] = str(_write_predictions(out_dir / "vqa_predictions.csv", vqa_rows))
+        if generated:
+            result["vqa_generate"] = metrics.vqa_accuracy(generated, [q.answer for q in questions],
+                                                          [q.category for q in questions])
     if captions:
         result["captions"] = metrics.caption_metrics([t for _, t in caption_rows], [c.turns[0][1] for c in captions])
         result["caption_predictions"] = str(_write_predictions(out_dir / "caption_predictions.csv", caption_rows))

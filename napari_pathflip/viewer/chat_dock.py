@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..analysis import default_chat_dir
-from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings
+from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings, option_shares
 from ..errors import PathflipError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Turn:
     text: str
     ending: str = ""  # "" while streaming or after a normal end, else a key of ENDINGS
     streaming: bool = False
+    note: str = ""  # shown under the answer, not part of the conversation (a ranked choice's option shares)
 
 
 def _quote(text: str) -> str:
@@ -71,6 +72,8 @@ def turns_markdown(turns: list[Turn], cursor: bool = False) -> str:
                 body += " \u258d"  # a text cursor while the answer streams
             if turn.ending:
                 body = f"{body}\n\n{ENDINGS[turn.ending]}"
+            if turn.note:
+                body = f"{body}\n\n*{turn.note}*"
             parts.append(f"**{ASSISTANT}:**\n\n{body}")
     return "\n\n---\n\n".join(parts) + "\n"
 
@@ -95,10 +98,11 @@ def _load_chat(analysis, folder: Path, llm_dir: Path | None, device: str | None,
         return _Failed(exc)
 
 
-def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event):
-    """Worker generator: text pieces of one answer, then returns the ChatAnswer (or _Failed)."""
+def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event, choice=None):
+    """Worker generator: text pieces of one answer, then returns the ChatAnswer (or _Failed). `choice`:
+    (question, options) of a multiple-choice question, answered by `Conversation.stream_choice`."""
     try:
-        stream = conversation.stream(prompt, settings)
+        stream = conversation.stream_choice(*choice, settings) if choice else conversation.stream(prompt, settings)
         if stop.is_set():
             stream.cancel()
         for piece in stream:
@@ -186,6 +190,11 @@ class ChatDock(QWidget):
         self.transcript = QTextBrowser()
         self.transcript.setOpenExternalLinks(True)
         self.transcript.setPlaceholderText("The conversation appears here.")
+        # follow the newest text unless the user scrolled up, also when the dock's layout resizes the transcript
+        self._follow = True
+        bar = self.transcript.verticalScrollBar()
+        bar.valueChanged.connect(lambda value: setattr(self, "_follow", value >= bar.maximum() - 4))
+        bar.rangeChanged.connect(lambda _low, high: bar.setValue(high) if self._follow else None)
 
         self.question = QLineEdit()
         self.question.setMaxLength(MAX_INPUT_CHARS)
@@ -391,8 +400,11 @@ class ChatDock(QWidget):
         self.sample.setChecked(base.do_sample)
         visual = self._conversation.visual
         llm = type(engine.llm).__name__
+        keep = engine.config.history_turns
+        memory = ("" if keep is None else " Each question is answered from the slide alone." if keep == 0 else
+                  f" Each question is answered with the last {keep} exchange{'s' * (keep > 1)}.")
         self._refresh(f"Chatting about <b>{Path(self._analysis.slide_path).name}</b> with {key[0].name} "
-                      f"({llm}, {engine.device.type}, {len(visual)} visual tokens).")
+                      f"({llm}, {engine.device.type}, {len(visual)} visual tokens).{memory}")
         if self._conversation.notice:
             show_info(self._conversation.notice)
 
@@ -408,8 +420,9 @@ class ChatDock(QWidget):
         base = self.generation or (self._engine[1].config.generation if self._engine else GenerationSettings())
         return dataclasses.replace(base, max_new_tokens=self.max_tokens.value(), do_sample=self.sample.isChecked())
 
-    def send(self, text: str | None = None) -> bool:
-        """Ask `text` (default: the input line). Returns whether an answer started."""
+    def send(self, text: str | None = None, choice: tuple | None = None) -> bool:
+        """Ask `text` (default: the input line; for a multiple-choice question the prompt shown, with `choice` its
+        (question, options)). Returns whether an answer started."""
         from napari.qt.threading import create_worker
         from napari.utils.notifications import show_info
 
@@ -430,7 +443,7 @@ class ChatDock(QWidget):
         self._turns += [user, answer]
         self._stop = stop = threading.Event()
         self.destroyed.connect(stop.set)  # a closed dock stops its answer
-        self._worker = create_worker(_answer, self._conversation, text, self.settings(), stop,
+        self._worker = create_worker(_answer, self._conversation, text, self.settings(), stop, choice,
                                      _connect={"yielded": lambda piece: self._piece(answer, piece),
                                                "returned": lambda result: self._finished(user, answer, result),
                                                "finished": lambda: self._idle(answer)},
@@ -457,7 +470,7 @@ class ChatDock(QWidget):
         except PathflipError as exc:
             show_info(str(exc))
             return False
-        return self.send(prompt)
+        return self.send(prompt, choice=(self.choice_question.text(), options))
 
     def stop(self) -> None:
         """Stop the answer being generated; the part already streamed stays in the transcript, marked stopped."""
@@ -486,6 +499,10 @@ class ChatDock(QWidget):
         else:
             turn.text = result.text  # the final decode (the stream may end inside a multi-byte character)
             turn.ending = result.finish_reason if result.finish_reason in ENDINGS else ""
+            if result.option_scores:
+                shares = option_shares(result.option_scores)
+                turn.note = "options as the model ranks them: " + " · ".join(
+                    f"{letter} {share:.0%}" for letter, share in sorted(shares.items(), key=lambda x: -x[1]))
             notice = (result.notice or "").replace(self._conversation.notice or "", "").strip() \
                 if self._conversation is not None else ""
             if notice and current:
@@ -564,7 +581,7 @@ class ChatDock(QWidget):
 
     def _render(self) -> None:
         bar = self.transcript.verticalScrollBar()
-        at_end = bar.value() >= bar.maximum() - 4
-        position = bar.value()
+        follow, position = self._follow, bar.value()
         self.transcript.setMarkdown(turns_markdown(self._turns, cursor=True) if self._turns else "")
-        bar.setValue(bar.maximum() if at_end else position)  # follow the answer unless the user scrolled up
+        bar.setValue(bar.maximum() if follow else position)  # follow the answer unless the user scrolled up
+        self._follow = follow
