@@ -182,10 +182,9 @@ def _stream_answer(stream) -> None:
     if answer.notice:
         print(f"[{answer.notice}]")
     if answer.option_scores:
-        from .chat import option_shares
+        from .chat import ranking_note
 
-        shares = sorted(option_shares(answer.option_scores).items(), key=lambda item: -item[1])
-        print("[options as the model ranks them: " + ", ".join(f"{k} {v:.0%}" for k, v in shares) + "]")
+        print(f"[{ranking_note(answer.option_scores, ', ')}]")
 
 
 def _chat_engine(args, analysis: SlideAnalysis):

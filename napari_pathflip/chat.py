@@ -212,6 +212,13 @@ def option_shares(scores: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(scores, values.tolist()))
 
 
+def ranking_note(scores: Mapping[str, float], separator: str = " · ") -> str:
+    """"options as the model ranks them: B 94% · D 6% ..." - the shares of `option_shares`, largest first (what the
+    dock shows under a ranked answer and the CLI prints after it)."""
+    shares = sorted(option_shares(scores).items(), key=lambda item: -item[1])
+    return "options as the model ranks them: " + separator.join(f"{k} {v:.0%}" for k, v in shares)
+
+
 def format_choice_prompt(question: str, options: Mapping[str, str] | Sequence[str], instruction: str) -> str:
     """Multiple-choice prompt: question, one "A. option" line per option, then the answer-format instruction."""
     options = choice_options(options)
@@ -692,7 +699,7 @@ class ChatEngine:
                cancel: threading.Event | None = None, on_done: Callable[[ChatAnswer], None] | None = None,
                prefix: str = "", option_scores: dict[str, float] | None = None) -> AnswerStream:
         """Answer the last (user) turn of `turns` about `visual`; iterate the result for text pieces. `prefix`: the
-        answer's forced start (counted in max_new_tokens), e.g. a ranked choice's "B."."""
+        answer's forced start (counted in max_new_tokens), e.g. a ranked choice's "B. Necrosis."."""
         settings = settings or self.config.generation
         visual, prompt = self._prompt(visual, turns)
         room = self.context_tokens - len(prompt)
@@ -709,8 +716,6 @@ class ChatEngine:
         """Summed log-probability of each of `answers` (its tokens, then EOS) as the reply to the last user turn of
         `turns`, after the prompt exactly as `stream` builds it. The prompt is run once; its KV cache is repeated
         for the answers, which run as one right-padded batch (causal attention needs no mask for end padding)."""
-        from transformers import DynamicCache
-
         visual, prompt = self._prompt(visual, turns)
         eos = self.tokenizer.eos_token_id  # the EOS every trained answer ends with (tokenize_conversation)
         tails = [self.tokenizer.encode(a.strip(), add_special_tokens=False) + [eos] for a in answers]
@@ -729,13 +734,13 @@ class ChatEngine:
             raise PathflipError("another answer is still being generated: cancel it or wait for it to finish")
         try:
             with torch.no_grad():
-                cache = DynamicCache(config=self.llm.config)
                 embeds = splice_visual(self.embed_tokens(prompt.input_ids.to(self.device)[None]), [visual.embeds],
                                        [prompt.image_start])
-                first = self.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1).logits[:, -1:]  # predicts each answer's first token
-                cache.batch_repeat_interleave(len(tails))
-                rest = self.llm(input_ids=ids[:, :-1].to(self.device), past_key_values=cache, use_cache=True).logits
+                decoder = _PlainDecoder(self.llm)
+                first = decoder.prefill(embeds)[:, None]  # predicts each answer's first token
+                decoder.cache.batch_repeat_interleave(len(tails))
+                rest = self.llm(input_ids=ids[:, :-1].to(self.device), past_key_values=decoder.cache,
+                                use_cache=True).logits
                 logits = torch.cat([first.expand(len(tails), -1, -1), rest], 1).float()
         finally:
             self._busy.release()
@@ -773,7 +778,9 @@ class Conversation:
     def context(self) -> list[dict]:
         """The earlier turns a new question is asked with: the last config.history_turns exchanges of `history`."""
         keep = self.engine.config.history_turns
-        return list(self.history) if keep is None else self.history[len(self.history) - 2 * keep:] if keep else []
+        if keep is None:
+            return list(self.history)
+        return self.history[-2 * keep:] if keep else []
 
     def stream(self, question: str, settings: GenerationSettings | None = None, *, prefix: str = "",
                option_scores: dict[str, float] | None = None) -> AnswerStream:

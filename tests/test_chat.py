@@ -332,7 +332,7 @@ def test_history_turns_limits_the_context_not_the_history(llm, tokenizer):
     """config.history_turns: how many earlier exchanges the model is given; the history itself keeps everything."""
     exchanges = [("Diagnosis?", "Invasive ductal carcinoma."), ("Grade?", "Grade 2."), ("Margins?", "Clear.")]
     past = [{"role": role, "content": text} for q, a in exchanges for role, text in (("user", q), ("assistant", a))]
-    for keep, expected in ((None, 3), (1, 1), (0, 0)):
+    for keep, expected in ((None, 3), (5, 3), (2, 2), (1, 1), (0, 0)):
         engine = make_engine(llm, tokenizer, history_turns=keep)
         conversation = engine.conversation(visual(4))
         conversation.history = list(past)

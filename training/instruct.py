@@ -557,7 +557,8 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
     VQA: `metrics.vqa_accuracy` (SlideBench rule, overall and per Broad Category) on answers to the engine's own
     choice prompt with the chat config's choice_rule; when that is "rank", also "vqa_generate": the same questions
     with the letter left to greedy decoding (for comparison); captions: `metrics.caption_metrics` (BLEU-1..4,
-    ROUGE-L) of the answer to each caption row's question. Writes <out_dir>/vqa_predictions.csv and caption_predictions.csv (ID,response; the first is what
+    ROUGE-L) of the answer to each caption row's question. Writes <out_dir>/vqa_predictions.csv and
+    caption_predictions.csv (ID,response; the first is what
     `python -m training evaluate vqa --questions <split>/vqa.csv --predictions ...` scores).
     `max_slides` keeps the first slides of the split (quick checks). Returns a JSON-ready dict.
     """

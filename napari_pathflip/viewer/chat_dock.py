@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..analysis import default_chat_dir
-from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings, option_shares
+from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings, ranking_note
 from ..errors import PathflipError
 
 log = logging.getLogger(__name__)
@@ -500,9 +500,7 @@ class ChatDock(QWidget):
             turn.text = result.text  # the final decode (the stream may end inside a multi-byte character)
             turn.ending = result.finish_reason if result.finish_reason in ENDINGS else ""
             if result.option_scores:
-                shares = option_shares(result.option_scores)
-                turn.note = "options as the model ranks them: " + " · ".join(
-                    f"{letter} {share:.0%}" for letter, share in sorted(shares.items(), key=lambda x: -x[1]))
+                turn.note = ranking_note(result.option_scores)
             notice = (result.notice or "").replace(self._conversation.notice or "", "").strip() \
                 if self._conversation is not None else ""
             if notice and current:
