@@ -183,7 +183,7 @@ def _run(capsys, *argv):
     return json.loads(capsys.readouterr().out)
 
 
-def test_cli_other_tasks(tmp_path, capsys, shared_data):
+def test_cli_other_tasks(tmp_path, capsys):
     rng = np.random.default_rng(0)
     slide = rng.normal(size=(20, 8))
     np.savez(tmp_path / "emb.npz", slide=slide, text=slide + 0.01 * rng.normal(size=slide.shape))

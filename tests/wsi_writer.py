@@ -30,3 +30,15 @@ def corrupt_tile(path: Path, level: int, x: int, y: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(b"\x00" * 64)
+
+
+def write_unknown_compression(path: Path) -> Path:
+    """A small RGB TIFF whose Compression tag names a scheme no reader knows (52479): a header that parses, image
+    data that cannot be decoded."""
+    tifffile.imwrite(path, np.zeros((16, 16, 3), np.uint8), photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].tags["Compression"].valueoffset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write((52479).to_bytes(2, "little"))
+    return path
