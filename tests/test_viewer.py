@@ -61,6 +61,20 @@ def test_missing_file_through_the_reader_notifies(wsi_dir):
     assert any("no such file" in message for message in _errors_since(before))
 
 
+def test_reader_imports_nothing_heavy(wsi_dir):
+    """Opening a slide into layer data (the reader's whole path, in a fresh interpreter) imports no model or
+    science stack: they cost seconds on a cold start and the viewer needs none of them."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "transformers", "scipy", "skimage", "sklearn", "dask.array", "napari_pathflip.model"]
+    code = (f"import sys; from napari_pathflip.viewer.reader import read_slide; "
+            f"(data, kwargs, kind), = read_slide({str(wsi_dir / 'CMU-1-Small-Region.svs')!r}); "
+            f"assert kind == 'image' and data[-1][:, :].any(); print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_damaged_tiles_show_grey_and_notify(viewer, wsi_dir, qtbot):
     before = len(notification_manager.records)
     viewer.open(str(wsi_dir / "unreadable.svs"), plugin=PLUGIN)

@@ -26,16 +26,11 @@ class _TileErrorNotifier:
         show_error(f"{error} Damaged tiles are shown grey.")
 
 
-# napari keeps decoded chunks in an opportunistic dask cache (a fraction of RAM by default); for gigapixel slides
-# that cache is what grows while panning, so the plugin bounds it.
-DASK_CACHE_BYTES = 128 * 2**20
-
-
 def slide_layer_data(slide: Slide, name: str | None = None) -> tuple:
-    """A napari LayerData tuple for the slide's multiscale pyramid, in micrometres when the mpp is known."""
-    from napari.utils import resize_dask_cache
+    """A napari LayerData tuple for the slide's multiscale pyramid, in micrometres when the mpp is known.
 
-    resize_dask_cache(DASK_CACHE_BYTES)
+    The levels are plain array-likes, not dask arrays: napari's dask cache (which grows while panning a gigapixel
+    slide) never holds them, and nothing imports dask.array on the way to the first frame."""
     kwargs = {
         "name": name or slide.name,
         "multiscale": True,

@@ -20,11 +20,11 @@ def napari_get_reader(path):
 
 def read_slide(path) -> list[tuple]:
     """Open the slide lazily. Problems become a napari notification with what to do, not a traceback."""
-    from napari.utils.notifications import show_error
-
     path = path[0] if isinstance(path, list) else path
     try:
         return [slide_layer_data(open_slide(path))]
     except PathflipError as exc:
+        from napari.utils.notifications import show_error
+
         show_error(str(exc))
         return [(None,)]
