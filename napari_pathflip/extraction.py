@@ -1,11 +1,12 @@
-"""Where patch features are computed: slide -> tissue grid -> batched reads in workers -> encoder -> feature store.
+"""Where patch features are computed: slide -> tissue grid -> batches decoded and encoded in threads -> store.
 
 `extract_features` is the core API (napari passes its own progress callback and cancel event); `main` is the
 `pathflip extract` command with cohort mode, torchrun sharding and a summary.
 
-Reading runs in DataLoader worker processes, each with its own slide handle (opened lazily in the worker, never
-pickled). A batch's patches that touch each other on a row are read as one strip, so a JPEG tile shared by
-neighbouring patches is decoded once per strip instead of once per patch. Batches never straddle a store chunk,
+Patches are decoded from the slide file's compressed tiles (tiles.py: each tile decoded once, however many
+patches share it; pixels identical to Slide.read_region's), or through Slide.read_region for what tiles.py does
+not read. Worker threads decode (the decoders release the GIL); how the cores are split between decoding and the
+encoder is `plan_workers`. Batches never straddle a store chunk and are encoded exactly as they are grouped here,
 so a resumed run computes exactly the batches an uninterrupted run would.
 """
 
@@ -18,6 +19,8 @@ import os
 import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +33,7 @@ from .encoders import ENCODER_HELP, Encoder, build_encoder
 from .errors import PathflipError
 from .features import FeatureSet, SlideStore, store_key
 from .slide import Slide, is_slide_path, open_slide
+from .tiles import PatchTiles, TileLevel, TileUnavailable
 from .tiling import PatchGrid, TilingConfig, build_grid, region_ids, resolve_mpp
 
 
@@ -40,34 +44,65 @@ class ExtractionCancelled(PathflipError):
 @dataclass
 class ExtractionConfig:
     batch_size: int = 64  # patches per read/encode batch (halved on CUDA out-of-memory for the forward pass)
-    num_workers: int = 2  # DataLoader reader processes; 0 reads in this process
+    # worker threads that decode batches (and on CPU encode them, see plan_workers); None: from the cores this
+    # process may run on; 0: decode and encode in the calling thread
+    num_workers: int | None = None
     chunk_size: int = 1024  # patches per store chunk: the unit of resume (at most this much work is redone)
     dtype: str = "float32"  # stored feature dtype: float32 or float16
     amp: bool = True  # bf16 autocast on CUDA (encoders that are plain statistics opt out)
     channels_last: bool = True  # on CUDA
-    prefetch_factor: int = 2  # batches each worker reads ahead
-    # multiprocessing start method of the readers. None: fork when called from the main thread (scripts, the CLI),
-    # forkserver when called from another thread (napari's workers: forking a process whose GUI thread runs can
-    # leave the copy broken; a forkserver child starts clean but re-imports the __main__ script, as spawn does)
-    worker_start_method: str | None = None
-    cpu_threads: int | None = None  # torch threads while encoding on CPU; None keeps torch's setting
+    prefetch_factor: int = 2  # batches per worker decoded or in progress ahead of the one consumed (bounds memory)
+    cpu_threads: int | None = None  # torch threads per encoding thread on CPU; None: the cores shared out
+    reader: str = "auto"  # "auto": the file's tiles (tiles.py) where supported, else "slide": Slide.read_region
     allow_pickle: bool = False  # let encoders load pickle checkpoints (CONCH's pytorch_model.bin)
 
 
-def _worker_context(config: ExtractionConfig):
-    """The multiprocessing context of the reader processes (see ExtractionConfig.worker_start_method)."""
-    import multiprocessing
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity mask (which containers and taskset narrow), shared with the
+    other torchrun processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
-    method = config.worker_start_method
-    if method is None:
-        if threading.current_thread() is threading.main_thread() or (
-                "forkserver" not in multiprocessing.get_all_start_methods()):
-            return None
-        method = "forkserver"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":  # readers fork from a server that has already imported torch and this module
-        context.set_forkserver_preload(["torch", __name__])
-    return context
+
+@dataclass(frozen=True)
+class Workers:
+    """How extraction uses the cores: `threads` workers decode batches; on CPU each worker also encodes the batches
+    it decoded, with `torch_threads` torch threads, while on a GPU the calling thread encodes.
+
+    On CPU the encoder is the slower stage (the built-in one about 4x decode's cost per patch), so a fixed split
+    (a decode core, an encoder core) leaves the decode core mostly idle, and torch threads that share a core with
+    a busy decoder stall at every op (2 torch threads beside one busy process: 20x slower, measured). Workers that
+    each decode and then encode keep every core busy with no such sharing: while one encodes, another decodes.
+    """
+
+    threads: int
+    torch_threads: int | None  # CPU: torch threads per encoding thread; None on a GPU
+    device: str
+
+    @property
+    def encode_in_workers(self) -> bool:
+        return self.torch_threads is not None and self.threads > 0
+
+    def describe(self) -> str:
+        if self.torch_threads is None:
+            return f"decode {self.threads} thread{'s' * (self.threads != 1)}, encoder on {self.device}"
+        torch_threads = f"{self.torch_threads} torch thread{'s' * (self.torch_threads != 1)}"
+        if self.threads == 0:
+            return f"decode and encoder in the calling thread ({torch_threads})"
+        return f"decode + encoder in {self.threads} thread{'s' * (self.threads != 1)} ({torch_threads} each)"
+
+
+def plan_workers(config: ExtractionConfig, device: torch.device, cores: int | None = None) -> Workers:
+    """The split of `cores` (default: usable_cores()) for `config` on `device` (see Workers)."""
+    cores = cores or usable_cores()
+    if device.type != "cpu":  # one core feeds the GPU, the others decode
+        return Workers(max(1, cores - 1) if config.num_workers is None else config.num_workers, None, str(device))
+    if config.num_workers == 0:
+        return Workers(0, config.cpu_threads or torch.get_num_threads(), "cpu")
+    if config.num_workers is None:
+        torch_threads = config.cpu_threads or 1
+        return Workers(max(1, cores // torch_threads), torch_threads, "cpu")
+    return Workers(config.num_workers, config.cpu_threads or max(1, cores // config.num_workers), "cpu")
 
 
 ProgressFn = Callable[[int, int], "bool | None"]  # (patches done, total) -> False to cancel
@@ -98,55 +133,81 @@ def resolve_device(device: str = "auto") -> torch.device:
 # reading
 
 
-class PatchBatches(torch.utils.data.Dataset):
-    """Item i = uint8 patches [B, P, P, 3] of batch i, or the message of the PathflipError that stopped it."""
+def _runs(coords: np.ndarray, stride0: int):
+    """(start, stop) of each horizontal run of touching patches in row-major `coords`."""
+    i = 0
+    while i < len(coords):
+        j = i + 1
+        while j < len(coords) and coords[j, 1] == coords[i, 1] and coords[j, 0] - coords[j - 1, 0] == stride0:
+            j += 1
+        yield i, j
+        i = j
 
-    def __init__(self, slide: Slide, mpp, storage_options, coords, batches, grid: PatchGrid, stride0: int):
-        self.path, self.mpp, self.storage_options = slide.path, mpp, storage_options
-        self.coords, self.batches = coords, batches
+
+class BatchReader:
+    """uint8 patches [B, P, P, 3] of batch i, for any number of threads at once.
+
+    Reads from the file's tiles (tiles.py) when `mode` is "auto" and the level allows it, else (and for a batch
+    whose tiles are missing or damaged) each run of touching patches as one strip through Slide.read_region, the
+    reference path; a damaged tile then raises its PathflipError naming slide, level and pixels. Patch positions at
+    the read level are rounded per run as the strips are, so both paths cut the same pixels. close() when done.
+    """
+
+    def __init__(self, slide: Slide, grid: PatchGrid, coords: np.ndarray, batches: list, stride0: int,
+                 mode: str = "auto"):
+        if mode not in ("auto", "slide"):
+            raise PathflipError(f"reader {mode!r}: use auto or slide.")
+        self.slide, self.coords, self.batches, self.stride0 = slide, coords, batches, stride0
         self.level, self.read_size, self.patch_size = grid.read_level, grid.read_size, grid.patch_size
-        self.stride0 = stride0
-        self._slide, self._pid = slide, os.getpid()
+        self._level = TileLevel.open(slide, self.level) if mode == "auto" and batches else None
+        self._tiles = None
+        if self._level is not None:
+            windows = np.concatenate([self.windows(self.coords[start:stop]) for start, stop, _ in batches])
+            self._tiles = PatchTiles(self._level, windows, self.read_size)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_slide"], state["_pid"] = None, None  # a handle never crosses processes
-        return state
+    @property
+    def source(self) -> str:
+        return "file tiles" if self._tiles is not None else "slide reader"
 
-    def _handle(self) -> Slide:
-        if self._slide is None or self._pid != os.getpid():  # a fresh (spawned or forked) worker
-            self._slide = open_slide(self.path, mpp=self.mpp, storage_options=self.storage_options)
-            self._pid = os.getpid()
-        return self._slide
+    def windows(self, coords: np.ndarray) -> np.ndarray:
+        """Top-left level pixels of the patches at level-0 `coords`, as the strips of read_strips place them."""
+        ds = self.slide.downsamples[self.level]
+        out = np.empty((len(coords), 2), dtype=np.int64)
+        for i, j in _runs(coords, self.stride0):
+            x0 = int(coords[i, 0])
+            out[i:j, 0] = [int(round(x0 / ds)) + int(round((coords[k, 0] - x0) / ds)) for k in range(i, j)]
+            out[i:j, 1] = int(round(int(coords[i, 1]) / ds))
+        return out
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int):
-        start, stop, _ = self.batches[index]
-        try:
-            return torch.from_numpy(self.read(self.coords[start:stop]))
-        except PathflipError as exc:
-            return str(exc)  # re-raised in the main process without DataLoader's traceback wrapping
-
-    def read(self, coords: np.ndarray) -> np.ndarray:
-        """Patches at `coords` (row-major); horizontal runs of touching patches are read as one strip."""
-        slide = self._handle()
-        ds = slide.downsamples[self.level]
+    def read_strips(self, coords: np.ndarray) -> np.ndarray:
+        """Patches at `coords` through Slide.read_region, each run of touching patches read as one strip."""
+        ds = self.slide.downsamples[self.level]
         out = np.empty((len(coords), self.patch_size, self.patch_size, 3), dtype=np.uint8)
-        i = 0
-        while i < len(coords):
-            j = i + 1
-            while j < len(coords) and coords[j, 1] == coords[i, 1] and coords[j, 0] - coords[j - 1, 0] == self.stride0:
-                j += 1
+        for i, j in _runs(coords, self.stride0):
             x0, y = int(coords[i, 0]), int(coords[i, 1])
             width = int(round((coords[j - 1, 0] - x0) / ds)) + self.read_size
-            strip = slide.read_region((x0, y), self.level, (width, self.read_size))
+            strip = self.slide.read_region((x0, y), self.level, (width, self.read_size))
             for k in range(i, j):
                 left = int(round((coords[k, 0] - x0) / ds))
                 out[k] = _resize(strip[:, left : left + self.read_size], self.patch_size)
-            i = j
         return out
+
+    def __call__(self, index: int) -> np.ndarray:
+        start, stop, _ = self.batches[index]
+        coords = self.coords[start:stop]
+        if self._tiles is not None:
+            try:
+                patches = self._tiles.read(self.windows(coords))
+            except TileUnavailable:
+                return self.read_strips(coords)
+            if self.read_size == self.patch_size:
+                return patches
+            return np.stack([_resize(patch, self.patch_size) for patch in patches])
+        return self.read_strips(coords)
+
+    def close(self) -> None:
+        if self._level is not None:
+            self._level.close()
 
 
 def _resize(patch: np.ndarray, size: int) -> np.ndarray:
@@ -196,6 +257,49 @@ class _Runner:
         return torch.cat(outputs).numpy()
 
 
+def encoded_batches(read: Callable[[int], np.ndarray], runner: _Runner, workers: Workers, count: int,
+                    prefetch_factor: int = 2):
+    """(i, features of batch i) for i = 0 .. count - 1 in order; `read(i)` gives batch i's uint8 patches.
+
+    Worker threads read ahead; at most prefetch_factor batches per worker are decoded or being encoded beyond the
+    one consumed, so memory stays bounded when the consumer is slower. Closing the generator cancels the batches
+    not started and waits for the running ones.
+    """
+    if workers.threads == 0:
+        for i in range(count):
+            yield i, runner(torch.from_numpy(read(i)))
+        return
+
+    def task(i: int):
+        patches = torch.from_numpy(read(i))
+        if workers.encode_in_workers:
+            return runner(patches)
+        return patches.pin_memory() if runner.cuda else patches
+
+    def init():  # torch's thread count is per thread under OpenMP: set it in each worker
+        if workers.torch_threads is not None:
+            torch.set_num_threads(workers.torch_threads)
+
+    depth = workers.threads * max(1, prefetch_factor)
+    pending: deque = deque()  # futures of batches count - len(pending) ... in order, once all are submitted
+
+    def oldest(index: int):
+        result = pending.popleft().result()
+        return index, result if workers.encode_in_workers else runner(result)
+
+    with ThreadPoolExecutor(workers.threads, thread_name_prefix="pathflip-extract", initializer=init) as pool:
+        try:
+            for i in range(count):
+                pending.append(pool.submit(task, i))
+                if len(pending) >= depth:
+                    yield oldest(i - len(pending) + 1)
+            while pending:
+                yield oldest(count - len(pending))
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # core API
 
@@ -215,8 +319,8 @@ def extract_features(
 ) -> FeatureSet:
     """Patch features of one slide, from the store when finished there, else computed (resuming earlier work).
 
-    `slide_or_path`: an open Slide (kept open) or a path/URL (opened with `mpp` and `storage_options`). Reader
-    workers reopen the slide by path, so pass `storage_options` for remote slides either way. `store_dir`: the
+    `slide_or_path`: an open Slide (kept open; the worker threads read through it or through the file's tiles) or
+    a path/URL (opened with `mpp` and `storage_options`). `store_dir`: the
     store root; each (slide, encoder, grid) gets its own folder there (see features.py).
 
     Raises PathflipError for unreadable slides (naming the slide and tile), slides smaller than one patch or
@@ -243,7 +347,7 @@ def extract_features(
             cached = store.load_complete()  # another process may have finished it while we waited
             if cached is not None:
                 return cached
-            return _extract(slide, store, encoder, key, device, tiling, config, progress, cancel, storage_options)
+            return _extract(slide, store, encoder, key, device, tiling, config, progress, cancel)
         finally:
             store.unlock()
     finally:
@@ -251,7 +355,7 @@ def extract_features(
             slide.close()
 
 
-def _extract(slide, store, encoder, key, device, tiling, config, progress, cancel, storage_options) -> FeatureSet:
+def _extract(slide, store, encoder, key, device, tiling, config, progress, cancel) -> FeatureSet:
     grid = build_grid(slide, tiling)
     stride0 = grid.patch_size_level0 if not tiling.stride else int(round(
         tiling.stride * grid.patch_size_level0 / tiling.patch_size))
@@ -284,39 +388,28 @@ def _extract(slide, store, encoder, key, device, tiling, config, progress, cance
     if progress and progress(finished, total) is False or stop_requested():
         raise ExtractionCancelled(f"{slide.path}: extraction cancelled; run again to continue.")
     if batches:
-        dataset = PatchBatches(slide, slide.mpp if slide.mpp_source == "user" else None, storage_options, coords,
-                               batches, grid, stride0)
-        workers = min(config.num_workers, len(batches))
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=runner.cuda,
-            prefetch_factor=config.prefetch_factor if workers else None,
-            multiprocessing_context=_worker_context(config) if workers else None,
-        )
+        reader = BatchReader(slide, grid, coords, batches, stride0, config.reader)
+        workers = plan_workers(config, runner.device)
         buffers: dict[int, list[np.ndarray]] = {}
         threads = torch.get_num_threads()
-        if config.cpu_threads and not runner.cuda:
-            torch.set_num_threads(config.cpu_threads)  # leave cores to the reader processes
-        batch_iter = iter(loader)
+        if workers.torch_threads is not None:
+            torch.set_num_threads(workers.torch_threads)
+        results = encoded_batches(reader, runner, workers, len(batches), config.prefetch_factor)
         try:
-            for index, item in enumerate(batch_iter):
-                if isinstance(item, str):
-                    raise PathflipError(item)
-                c = batches[index][2]
-                buffers.setdefault(c, []).append(runner(item).astype(config.dtype))
+            for index, features in results:
+                start, stop, c = batches[index]
+                buffers.setdefault(c, []).append(features.astype(config.dtype))
                 if sum(len(b) for b in buffers[c]) == store.chunk_length(plan, c):
                     store.write_chunk(c, np.concatenate(buffers.pop(c)))
-                finished += len(item)
+                finished += stop - start
                 if (progress and progress(finished, total) is False) or stop_requested():
                     raise ExtractionCancelled(
                         f"{slide.path}: extraction cancelled after {finished} of {total} patches; the finished "
                         "chunks are kept and the next run continues from them."
                     )
         finally:
-            del batch_iter  # stops the workers now, also when cancelled or failed
+            results.close()  # cancels the batches not started and waits for the running ones
+            reader.close()
             torch.set_num_threads(threads)
     attrs = {
         "slide_path": slide.path,
@@ -388,10 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default="builtin", help=ENCODER_HELP)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--mpp", type=float, default=None, help="level-0 um/px for slides that lack it (overrides)")
-    parser.add_argument("--workers", type=int, default=ExtractionConfig.num_workers)
     parser.add_argument("--batch-size", type=int, default=ExtractionConfig.batch_size)
     parser.add_argument("--chunk-size", type=int, default=ExtractionConfig.chunk_size)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for encoding on CPU")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode threads (on CPU each also encodes); default: from the usable cores")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per encoding thread on CPU")
+    parser.add_argument("--reader", default=ExtractionConfig.reader, choices=["auto", "slide"],
+                        help="auto: decode the file's tiles directly where possible; slide: always the slide reader")
     parser.add_argument("--target-mpp", type=float, default=TilingConfig.target_mpp)
     parser.add_argument("--patch-size", type=int, default=TilingConfig.patch_size)
     parser.add_argument("--stride", type=int, default=None, help="patch step at target mpp (default: patch size)")
@@ -407,9 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     config = ExtractionConfig(
         batch_size=args.batch_size, num_workers=args.workers, chunk_size=args.chunk_size,
         dtype="float16" if args.float16 else "float32", allow_pickle=args.allow_pickle, cpu_threads=args.threads,
+        reader=args.reader,
     )
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    print(f"{prefix}{len(slides)} slide(s) -> {args.out}", flush=True)
+    workers = plan_workers(config, resolve_device(args.device)).describe()
+    print(f"{prefix}{len(slides)} slide(s) -> {args.out}; {workers}", flush=True)
     encoder = build_encoder(args.encoder, allow_pickle=args.allow_pickle)  # built once, shared by all slides
     summary: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     for path in slides:
@@ -417,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_progress:
             from tqdm import tqdm
 
-            bar = tqdm(desc=Path(path).name, unit="patch", leave=False, file=sys.stderr)
+            bar = tqdm(desc=Path(path).name, unit="patch", leave=False, file=sys.stderr, postfix=workers)
 
         def progress(done: int, total: int, bar=bar) -> None:
             if bar is not None:

@@ -19,11 +19,12 @@ import torch
 
 from napari_pathflip.encoders import BuiltinEncoder, build_encoder
 from napari_pathflip.errors import PathflipError
-from napari_pathflip.extraction import (ExtractionCancelled, ExtractionConfig, collect_slides, extract_features,
-                                        shard)
+from napari_pathflip.extraction import (BatchReader, ExtractionCancelled, ExtractionConfig, collect_slides,
+                                        extract_features, shard)
 from napari_pathflip.features import export_h5, find_feature_sets, import_h5, read_h5
 from napari_pathflip.slide import open_slide
-from napari_pathflip.tiling import TilingConfig
+from napari_pathflip.tiles import TileLevel
+from napari_pathflip.tiling import TilingConfig, build_grid
 from wsi_writer import corrupt_tile, write_pyramid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,24 +205,156 @@ def test_40x_slide_through_workers(slide_40x, tmp_path, cmu_reference):
     assert torch.allclose(BuiltinEncoder().encode(pixels[None])[0], torch.from_numpy(fs.features[7]), atol=1e-5)
 
 
-def test_readers_from_a_threaded_process_use_a_forkserver(cmu_path, tmp_path, cmu_reference):
-    """Like napari: extraction runs in a worker thread while the GUI thread lives. Readers are then not forked from
-    the threaded process but from a clean forkserver, and the features are the same. From the main thread (a script
-    without a `__main__` guard, the CLI) they are forked as before."""
-    import threading
-
-    from napari_pathflip.extraction import _worker_context
-
+def test_extraction_from_a_worker_thread(cmu_path, tmp_path, cmu_reference):
+    """Like napari: extraction runs in a worker thread while the GUI thread lives; its decode threads start from
+    there and the features are the same bits as from the main thread."""
     config = ExtractionConfig(batch_size=8, num_workers=2, chunk_size=16)
-    assert _worker_context(config) is None  # main thread: the platform default (fork on Linux)
-    assert _worker_context(ExtractionConfig(worker_start_method="spawn")).get_start_method() == "spawn"
     result = {}
-    thread = threading.Thread(target=lambda: result.update(
-        context=_worker_context(config), fs=extract_features(cmu_path, tmp_path, config=config)))
+    thread = threading.Thread(target=lambda: result.update(fs=extract_features(cmu_path, tmp_path, config=config)))
     thread.start()
     thread.join(timeout=180)
-    assert result["context"].get_start_method() == "forkserver"
-    np.testing.assert_allclose(result["fs"].features, cmu_reference.features, atol=1e-5)
+    assert np.array_equal(result["fs"].features, cmu_reference.features)
+    assert np.array_equal(result["fs"].coords, cmu_reference.coords)
+
+
+# -- reading: the file's tiles against the slide reader ---------------------------------------------------------
+
+
+def _extract_both(path, tmp_path, tiling, **config):
+    """Features through the slide reader in the calling thread (the reference path) and through the file's tiles in
+    worker threads, same encoder and grid."""
+    reference = extract_features(path, tmp_path / "slide", tiling=tiling,
+                                 config=ExtractionConfig(**{**config, "reader": "slide", "num_workers": 0}))
+    tiles = extract_features(path, tmp_path / "tiles", tiling=tiling, config=ExtractionConfig(**config))
+    with open_slide(path) as slide:  # the tiles were really read from the file
+        level = TileLevel.open(slide, reference.attrs["read_level"])
+        assert level is not None
+        level.close()
+    return reference, tiles
+
+
+@pytest.mark.parametrize("tiling", [TilingConfig(min_tissue_fraction=0.0), TilingConfig(stride=160)],
+                         ids=["every-patch", "overlapping"])
+def test_cmu_tiles_give_the_slide_readers_features_bit_for_bit(cmu_path, tmp_path, tiling):
+    """Aperio SVS: 240-px RGB JPEG tiles with shared JPEG tables, patches across tile borders and the slide edge.
+    The slide reader in worker threads (the path for files the tile reader does not read) gives the same bits."""
+    reference, tiles = _extract_both(cmu_path, tmp_path, tiling, batch_size=16, chunk_size=32, num_workers=2)
+    assert len(reference) > 60
+    assert np.array_equal(tiles.features, reference.features) and np.array_equal(tiles.coords, reference.coords)
+    threaded = extract_features(cmu_path, tmp_path / "threaded", tiling=tiling, config=ExtractionConfig(
+        batch_size=16, chunk_size=32, num_workers=2, reader="slide"))
+    assert np.array_equal(threaded.features, reference.features)
+
+
+@pytest.mark.parametrize("target_mpp", [0.5, 0.6], ids=["level-1", "level-1-resized"])
+def test_synthetic_pyramid_tiles_give_the_slide_readers_features_bit_for_bit(slide_40x, tmp_path, target_mpp):
+    reference, tiles = _extract_both(slide_40x, tmp_path, TilingConfig(target_mpp=target_mpp), batch_size=8,
+                                     chunk_size=16)
+    assert reference.attrs["read_level"] == 1 and len(reference) > 20
+    assert np.array_equal(tiles.features, reference.features) and np.array_equal(tiles.coords, reference.coords)
+
+
+def test_demo_slide_ycbcr_tiles_give_the_slide_readers_features_bit_for_bit(tmp_path):
+    reference, tiles = _extract_both(DEMO, tmp_path, TilingConfig(stride=1536), batch_size=16)
+    assert len(reference) > 40
+    assert np.array_equal(tiles.features, reference.features) and np.array_equal(tiles.coords, reference.coords)
+
+
+def _reader(path, tiling, batch_size=16, mode="auto"):
+    slide = open_slide(path)
+    grid = build_grid(slide, tiling)
+    batches = [(s, min(s + batch_size, len(grid.coords)), 0) for s in range(0, len(grid.coords), batch_size)]
+    stride0 = tiling.stride or grid.patch_size_level0
+    return slide, BatchReader(slide, grid, grid.coords, batches, stride0, mode)
+
+
+def test_tiles_shared_by_patches_are_decoded_once(cmu_path):
+    """Overlapping patches on 240-px tiles: every tile under the grid is decoded exactly once, and none is kept
+    after its last patch was read."""
+    slide, reader = _reader(cmu_path, TilingConfig(stride=128, min_tissue_fraction=0.0))
+    assert reader.source == "file tiles"
+    level, decoded = reader._level, []
+    decode = level.decode
+    level.decode = lambda index: decoded.append(index) or decode(index)
+    touched = []
+    for a, b, _ in reader.batches:
+        for x, y in reader.windows(reader.coords[a:b]):
+            rows, cols = level.tile_rows_cols(int(x), int(y), 256, 256)
+            touched += [row * level.tiles_per_row + col for row in rows for col in cols]
+    patches = np.concatenate([reader(i) for i in range(len(reader.batches))])
+    reference = np.concatenate([reader.read_strips(reader.coords[a:b]) for a, b, _ in reader.batches])
+    assert np.array_equal(patches, reference)
+    assert sorted(decoded) == sorted(set(touched)) and len(touched) > 3 * len(decoded)
+    assert not reader._tiles._tiles and not reader._tiles._uses
+    reader.close()
+    slide.close()
+
+
+def test_levels_the_tile_reader_does_not_read_go_through_the_slide_reader(cmu_path):
+    """CMU has one level: at 2 um/px the grid reads a computed (2x-averaged) level, which only the slide reader has."""
+    slide, reader = _reader(cmu_path, TilingConfig(target_mpp=2.0, min_tissue_fraction=0.0))
+    assert reader.level >= slide.native_levels and reader.source == "slide reader"
+    reader.close()
+    slide.close()
+    slide, forced = _reader(cmu_path, TilingConfig(), mode="slide")
+    assert forced.source == "slide reader"
+    forced.close()
+    slide.close()
+
+
+def test_decode_threads_feeding_the_encoder_keep_the_batch_order(cmu_path):
+    """The GPU layout (workers only decode, the calling thread encodes), run on CPU, and the CPU layout: batches come
+    back in order with the features of the calling thread alone."""
+    from napari_pathflip.extraction import Workers, _Runner, encoded_batches
+
+    slide, reader = _reader(cmu_path, TilingConfig(min_tissue_fraction=0.0), batch_size=8)
+    runner = _Runner(BuiltinEncoder(), torch.device("cpu"), ExtractionConfig())
+
+    def read(i):  # the slide reader: unlike the tile plan it may read a batch twice
+        start, stop, _ = reader.batches[i]
+        return reader.read_strips(reader.coords[start:stop])
+
+    expected = [runner(torch.from_numpy(read(i))) for i in range(len(reader.batches))]
+    for workers in (Workers(3, None, "cpu"), Workers(2, 1, "cpu")):
+        results = list(encoded_batches(read, runner, workers, len(reader.batches), 1))
+        assert [i for i, _ in results] == list(range(len(reader.batches)))
+        assert all(np.array_equal(f, e) for (_, f), e in zip(results, expected))
+    reader.close()
+    slide.close()
+
+
+def test_tissue_mask_arithmetic_gives_skimages_values(cmu_pixels):
+    """The tissue mask's integer block mean and its saturation/value equal skimage's downscale_local_mean and rgb2hsv
+    bit for bit (so grids, and the stores keyed on them, stay as they were), ragged edges and grey/black included."""
+    from skimage import color, transform
+
+    from napari_pathflip.tiling import _block_mean, _saturation_value
+
+    thumb = np.ascontiguousarray(cmu_pixels[::3, ::3])  # 989 x 740: ragged edge blocks for factors 2, 3 and 4
+    thumb[:20, :20] = 0
+    thumb[20:40, :20] = 77
+    for factor in (2, 3, 4):
+        expected = transform.downscale_local_mean(thumb, (factor, factor, 1)).astype(np.uint8)
+        assert np.array_equal(_block_mean(thumb, factor), expected)
+    hsv = color.rgb2hsv(thumb)
+    saturation, value = _saturation_value(thumb)
+    assert np.array_equal(saturation, hsv[..., 1]) and np.array_equal(value, hsv[..., 2])
+
+
+def test_core_split():
+    from napari_pathflip.extraction import plan_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    two = plan_workers(ExtractionConfig(), cpu, cores=2)
+    assert (two.threads, two.torch_threads, two.encode_in_workers) == (2, 1, True)
+    assert two.describe() == "decode + encoder in 2 threads (1 torch thread each)"
+    assert plan_workers(ExtractionConfig(cpu_threads=4), cpu, cores=16).threads == 4
+    assert plan_workers(ExtractionConfig(num_workers=1), cpu, cores=2).torch_threads == 2
+    gpu = plan_workers(ExtractionConfig(), cuda, cores=16)
+    assert (gpu.threads, gpu.encode_in_workers) == (15, False)
+    assert gpu.describe() == "decode 15 threads, encoder on cuda:0"
+    assert plan_workers(ExtractionConfig(num_workers=0), cpu, cores=2).describe().startswith(
+        "decode and encoder in the calling thread")
 
 
 def test_second_request_is_served_from_the_store(cmu_path, tmp_path):
@@ -236,15 +369,18 @@ def test_second_request_is_served_from_the_store(cmu_path, tmp_path):
         assert find_feature_sets(tmp_path, slide.fingerprint)[0][0] == encoder.encoder_id
 
 
-def test_cancel_then_resume_gives_identical_features(cmu_path, tmp_path, cmu_reference):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cancel_then_resume_gives_identical_features(cmu_path, tmp_path, cmu_reference, workers):
+    """Also with worker threads: batches they finished beyond the cancel point are dropped, not stored."""
     cancel = threading.Event()
 
     def progress(done, total):
         if done >= 24:  # after 3 batches = 1 full chunk of 16 and half of the next
             cancel.set()
 
+    config = ExtractionConfig(batch_size=8, num_workers=workers, chunk_size=16)
     with pytest.raises(ExtractionCancelled, match="continue"):
-        extract_features(cmu_path, tmp_path, config=FAST, progress=progress, cancel=cancel)
+        extract_features(cmu_path, tmp_path, config=config, progress=progress, cancel=cancel)
     (store_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert not (store_dir / "manifest.json").exists()
     assert sorted(p.name for p in (store_dir / "chunks").glob("*.npy")) == ["000000.npy"]
@@ -357,10 +493,11 @@ def test_cli_extracts_cmu_then_skips_it(cmu_path, cmu_reference, tmp_path):
     result = _cli(cmu_path, "--out", tmp_path, "--batch-size", "8", "--chunk-size", "16", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "1 done, 0 skipped" in result.stdout and "mpp from file" in result.stdout
+    assert "decode + encoder in 2 threads" in result.stdout
     (h5,) = tmp_path.glob("*/features.h5")
     fs = read_h5(h5)
     assert np.array_equal(fs.coords, cmu_reference.coords)
-    assert np.allclose(fs.features, cmu_reference.features, atol=1e-5)
+    assert np.array_equal(fs.features, cmu_reference.features)
     again = _cli(cmu_path, "--out", tmp_path, "--batch-size", "8", "--chunk-size", "16")
     assert "0 done, 1 skipped" in again.stdout
 
