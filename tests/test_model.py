@@ -148,6 +148,115 @@ def test_padding_and_row_order_change_nothing(tokenizer, positions):
     np.testing.assert_allclose(ground_perm.patch_scores, ground.patch_scores[perm], atol=1e-6, equal_nan=True)
 
 
+def _projected_cross_attention(attention, x, tokens, valid):
+    """The previous cross-attention, kept as the reference: every patch token projected to keys and values."""
+    return attention(x, *attention.keys_values(tokens[..., :-1]), valid)
+
+
+def _randomise(module: torch.nn.Module, std: float = 0.3) -> None:
+    """Every weight and bias random: the biases start at zero, and the key and value biases are the terms the
+    token-space attention has to get right."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(std=std)
+
+
+@pytest.mark.parametrize("tokens_per_sequence", [40, 1])  # token space; short enough to project
+def test_cross_attention_in_token_space_is_the_projected_maths(tokens_per_sequence):
+    """Attention.attend_tokens against the projected keys/values: same outputs and same gradients (for the
+    queries, the tokens and every weight; the key bias shifts all of a query's scores alike, so it never had a
+    gradient but rounding noise and in token space has none), with padding; under attention dropout the ones
+    column scales the value bias as the dropped weights do (all dropped: no bias, as before)."""
+    from napari_pathflip.model.qformer import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(48, 4, kv_width=20, eps=1e-12, dropout=0.0, attn_dropout=0.0).double()
+    _randomise(attention)
+    x = torch.randn(5, 8, 48, dtype=torch.float64, requires_grad=True)
+    tokens = F.pad(torch.randn(5, tokens_per_sequence, 20, dtype=torch.float64), (0, 1), value=1.0).requires_grad_()
+    valid = torch.rand(5, tokens_per_sequence) < 0.7
+    valid[:, 0] = True
+    grad_out = torch.randn(5, 8, 48, dtype=torch.float64)
+    results = []
+    for attend in (attention.attend_tokens, lambda *a: _projected_cross_attention(attention, *a)):
+        attention.zero_grad()
+        x.grad = tokens.grad = None
+        out = attend(x, tokens, valid)
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad, tokens.grad[..., :-1],
+                        {name: p.grad.clone() for name, p in attention.named_parameters() if p.grad is not None}))
+    (out, gx, gt, gp), (ref, rx, rt, rp) = results
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gt, rt, rtol=1e-10, atol=1e-10)
+    assert set(rp) - set(gp) <= {"key.bias"} and float(rp["key.bias"].abs().max()) < 1e-12
+    for name in gp:
+        torch.testing.assert_close(gp[name], rp[name], rtol=1e-9, atol=1e-10, msg=name)
+
+    attention.attn_dropout = 1.0
+    attention.train()
+    with torch.no_grad():
+        torch.testing.assert_close(attention.attend_tokens(x, tokens, valid),
+                                   _projected_cross_attention(attention, x, tokens, valid))
+
+
+def test_slide_encoding_and_training_gradients_match_projected_cross_attention(tokenizer, monkeypatch):
+    """The whole model in float32: encode_slide (region and slide embeddings) and the training layout's
+    _visual_tokens with its gradients, against the previous cross-attention, on random weights and a slide with
+    partly filled regions (padding)."""
+    from napari_pathflip.model.qformer import Attention
+
+    model = tiny_model(tokenizer)
+    _randomise(model.qformer, std=0.1)
+    feats, coords = random_slide(cols=16, rows=12, keep=0.6)
+    slides = [torch.from_numpy(f) for f in (feats, random_slide(seed=3, keep=0.9)[0])]
+    indices = [torch.from_numpy(group_regions(c, PATCH, 4, 16).index) for c in (coords, random_slide(seed=3)[1])]
+    weights = [torch.randn(2, 32), torch.randn(group_regions(coords, PATCH, 4, 16).index.shape[0], 32)]
+
+    def run():
+        encoding = model.eval().encode_slide(feats, coords, PATCH)
+        model.train().zero_grad()
+        inputs = [f.clone().requires_grad_() for f in slides]
+        slide_tok, region_tok = model._visual_tokens(inputs, indices)
+        ((slide_tok * weights[0]).sum() + (region_tok[0] * weights[1]).sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return encoding, slide_tok.detach(), [f.grad for f in inputs], grads
+
+    new, new_tok, new_feat_grads, new_grads = run()
+    monkeypatch.setattr(Attention, "attend_tokens", _projected_cross_attention)
+    ref, ref_tok, ref_feat_grads, ref_grads = run()
+    for a, b in ((new.slide_embedding[None], ref.slide_embedding[None]), (new.region_embeddings, ref.region_embeddings),
+                 (new_tok, ref_tok)):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+        assert float(F.cosine_similarity(a, b, dim=-1).min()) > 1 - 1e-6
+    assert {k for k in ref_grads.keys() - new_grads.keys() if not k.endswith("cross_attn.key.bias")} == set()
+    for name in ref_grads:
+        torch.testing.assert_close(new_grads.get(name, torch.zeros_like(ref_grads[name])), ref_grads[name],
+                                   rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(new_feat_grads, ref_feat_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_demo_weights_encode_the_demo_slide_as_with_projected_cross_attention(tmp_path, monkeypatch):
+    """The shipped demo weights on the demo slide's own features: the same slide and region embeddings."""
+    from pathlib import Path
+
+    from napari_pathflip.analysis import default_weights_dir
+    from napari_pathflip.extraction import extract_features
+    from napari_pathflip.model.qformer import Attention
+
+    model = PathFLIP.from_pretrained(default_weights_dir())
+    demo = Path(__file__).resolve().parents[1] / "sample_data" / "demo_slide.tiff"
+    features = extract_features(demo, tmp_path, "builtin", device="cpu")
+    new = model.encode_slide(features.features, features.coords, features.patch_size_level0)
+    monkeypatch.setattr(Attention, "attend_tokens", _projected_cross_attention)
+    ref = model.encode_slide(features.features, features.coords, features.patch_size_level0)
+    assert new.num_regions > 20
+    for a, b in ((new.slide_embedding, ref.slide_embedding), (new.region_embeddings, ref.region_embeddings)):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+        assert float(F.cosine_similarity(a, b, dim=-1).min()) > 1 - 1e-6
+
+
 def test_mixer_own_path_reproduces_region_embeddings(tokenizer):
     """The patch attribution re-runs chosen mixer positions against cached context; at the cached inputs it must
     give back exactly the encoded region embeddings."""
@@ -233,8 +342,11 @@ def test_gradients_reach_every_parameter(tokenizer, positions):
     assert set(out) >= {"slide", "region", "total", "eta"}
     torch.testing.assert_close(out["total"], out["slide"] + out["region"])
     out["total"].backward()
-    missing = [name for name, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    # a key bias adds the same score to all of a query's keys, which softmax ignores: cross-attention, computed in
+    # the patch tokens' space, never uses it, so it is not trained (and DDP sees no parameter without a gradient)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("cross_attn.key.bias"))
+    missing = [name for name, p in model.named_parameters() if p.requires_grad
+               and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, missing
 
 

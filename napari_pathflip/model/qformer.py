@@ -5,8 +5,9 @@ Layout per layer (post-LayerNorm, as BERT): self-attention -> [cross-attention t
 queries get their own feed-forward copy (`ffn_query`, initialised from the text one), as in BLIP-2.
 
 Parameter names mirror BERT's through `bert_key_map`, so any local BERT checkpoint initialises the shared part.
-Patch-token keys/values of a cross-attention layer are projected once over all patches of a batch and then gathered
-per group (regions, slides), so the region pass and the slide pass never project the same patch twice.
+Cross-attention to patch tokens runs in the tokens' own space (`Attention.attend_tokens`): the queries are mapped
+through the key weights instead of every patch token through the key and value weights, the same maths with about
+half the multiplications at PathFLIP's sizes (region and slide pass together). All groups read one token table.
 """
 
 from __future__ import annotations
@@ -51,6 +52,35 @@ class Attention(nn.Module):
                                              dropout_p=self.attn_dropout if self.training else 0.0)
         return self.norm(x + self.drop(self.out(ctx.transpose(1, 2).flatten(2))))
 
+    def attend_tokens(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The maths of `forward(x, *keys_values(t), valid)` for input tokens t, computed in the tokens' space.
+
+        x [B, L, hidden]; tokens [B, S, kv_width + 1] = t with a last column of ones; valid [B, S] bool.
+        Head h's score of token j for query i is (q_ih W_kh) . t_j / sqrt(d) plus q_ih . b_kh / sqrt(d), which is
+        the same for every token and so leaves the softmax unchanged; its output is W_vh (sum_j p_ij t_j) plus b_vh
+        times sum_j p_ij, which the ones column carries (1, or less under attention dropout). So the L * heads
+        query rows meet the kv_width-wide tokens in one single-head attention: 2 * L * heads multiply-adds per token
+        width and pass instead of the 2 * hidden of projecting every token to keys and values once (PathFLIP: 2 x 96
+        for its region and slide passes vs 768). The key bias drops out of the maths, so it gets no gradient.
+        Sequences so short that projecting their tokens costs less (one-patch regions in patch-level grounding)
+        take the projected way.
+        """
+        heads, width, rows = self.heads, tokens.shape[-1] - 1, x.shape[1] * self.heads
+        hidden = x.shape[-1]
+        # multiply-adds per sequence: keys and values 2 S width hidden; token space 2 rows (width + 1) (S + d)
+        if tokens.shape[1] * width * hidden < rows * (width + 1) * (tokens.shape[1] + hidden // heads):
+            return self(x, *self.keys_values(tokens[..., :-1]), valid)
+        q = self.split(self.query(x))  # [B, L, heads, d]
+        # per head, weights over [t, 1]: the key's ignores the ones column, the value's is the value bias there
+        key = F.pad(self.key.weight.view(heads, -1, width), (0, 1))
+        value = torch.cat((self.value.weight.view(heads, -1, width), self.value.bias.view(heads, -1, 1)), -1)
+        q_tokens = torch.einsum("blhd,hdk->blhk", q, key).flatten(1, 2)[:, None]  # [B, 1, L * heads, width + 1]
+        ctx = F.scaled_dot_product_attention(q_tokens, tokens[:, None], tokens[:, None],
+                                             attn_mask=valid[:, None, None, :], scale=q.shape[-1] ** -0.5,
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        values = torch.einsum("blhk,hdk->blhd", ctx[:, 0].unflatten(1, (x.shape[1], heads)), value)
+        return self.norm(x + self.drop(self.out(values.flatten(2))))
+
 
 class FeedForward(nn.Module):
     def __init__(self, hidden: int, inner: int, act: str, eps: float, dropout: float):
@@ -72,6 +102,8 @@ class QFormerLayer(nn.Module):
         self.self_attn = Attention(h, cfg.num_heads, h, eps, cfg.dropout, cfg.attention_dropout)
         self.cross_attn = (Attention(h, cfg.num_heads, cfg.vision_width, eps, cfg.dropout, cfg.attention_dropout)
                            if has_cross else None)
+        if has_cross:  # it shifts all of a query's scores alike, which softmax ignores: nothing to learn
+            self.cross_attn.key.bias.requires_grad_(False)
         self.ffn = FeedForward(h, cfg.intermediate_size, cfg.hidden_act, eps, cfg.dropout)
         self.ffn_query = FeedForward(h, cfg.intermediate_size, cfg.hidden_act, eps, cfg.dropout)
 
@@ -148,21 +180,22 @@ class QFormer(nn.Module):
                        chunk: int = 256) -> list[torch.Tensor]:
         """Run the learned queries once per sequence of patches.
 
-        patch_tokens [T, vision_width]: projected patch features; groups: PatchGroups over its rows.
+        patch_tokens [T, vision_width]: projected patch features; groups: PatchGroups over its rows, attended in
+        chunks of `chunk` sequences (bounds memory on large slides).
         Returns one [G_i, num_query_tokens, hidden] tensor per group.
         """
         sizes = [len(g) for g in groups]
+        table = torch.cat((patch_tokens, patch_tokens.new_ones(len(patch_tokens), 1)), 1)  # see attend_tokens
         x = self.embeddings.queries(self.query_tokens).expand(sum(sizes), -1, -1)
         for layer in self.layers:
             x = layer.self_attend(x)
             if layer.cross_attn is not None:
-                k_all, v_all = layer.cross_attn.keys_values(patch_tokens)  # once per layer for every group
                 outs = []
                 for xs, group in zip(x.split(sizes), groups):
                     for lo in range(0, len(group), chunk):
                         hi = min(lo + chunk, len(group))
-                        outs.append(layer.cross_attn(xs[lo:hi], group.take(k_all, lo, hi), group.take(v_all, lo, hi),
-                                                     group.valid[lo:hi]))
+                        outs.append(layer.cross_attn.attend_tokens(xs[lo:hi], group.take(table, lo, hi),
+                                                                   group.valid[lo:hi]))
                 x = torch.cat(outs)
             x = layer.ffn_query(x)
         return list(x.split(sizes))
