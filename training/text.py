@@ -1,107 +1,16 @@
-"""Sentence splitting and the subcaption sampler (spec: "Subcaptions").
-
-Why a small rule-based splitter and not nltk's Punkt: Punkt's English model is downloaded data (not available
-offline), and an untrained ``PunktSentenceTokenizer`` with custom abbreviations still breaks a sentence after any
-non-abbreviation followed by a capital ("1. Carcinoma", "N.S.A.B.P. Grading") and cannot make "No." an
-abbreviation only before a number ("node No. 5" vs "... invasion? No. The margins ..."). Pathology reports need
-exactly those decisions, so the rules are spelled out here, each with its reason:
-
-- A sentence ends at ".", "?" or "!" (plus closing quotes/brackets) that is followed by whitespace and then by a
-  character that can start a sentence (capital letter, digit, opening quote or bracket, or a TNM stage such as
-  "pT2"), or by the end of the text.
-  A period inside a token ("3.5", "p.G12V", "G.3") is never followed by whitespace, so decimals never split.
-- A period after a known abbreviation ("e.g.", "Dr.", "vs.", "approx.", "et al.") never ends a sentence; "No.",
-  "Fig." and friends do not end one when a number follows.
-- A bare list number ("1.", "2.") at the start of a sentence or after ":"/";" is an enumerator, not a sentence.
-- A blank line always ends a sentence; a line that starts with a list marker starts one; other line breaks are
-  soft wraps and read as spaces.
-"""
+"""The subcaption sampler (spec: "Subcaptions") over the core's sentence splitter (napari_pathflip.text)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from napari_pathflip.errors import PathflipError
+from napari_pathflip.text import join_sentences, split_sentences
 
-# Lower-case, without the final period. These never end a sentence.
-ABBREVIATIONS = frozenset(
-    {
-        "e.g", "i.e", "eg", "ie", "cf", "vs", "viz", "approx", "ca", "al",
-        "dr", "drs", "mr", "mrs", "ms", "prof", "st", "sr", "jr", "mt",
-        "resp", "incl", "excl", "max", "min", "avg", "est", "dept", "univ", "ref", "refs", "ed", "eds",
-        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
-    }
-)
-# These are abbreviations only when a number follows ("No. 5", "Fig. 2"); "No." alone can be an answer.
-NUMBER_ABBREVIATIONS = frozenset({"no", "nos", "fig", "figs", "vol", "p", "pp", "ch", "sec", "tab", "nr"})
-
-_TERMINAL = re.compile(r"[.?!]+[\"'\u201d\u2019)\]]*")
-# A capital, digit, opening quote/bracket, or a TNM stage ("pT2 N0 ..."), which starts with a small letter.
-_SENTENCE_START = re.compile(r"[A-Z0-9\"'\u201c\u2018(\[]|y?p[TNM][0-9xXi]")
-_LIST_MARKER = re.compile(r"\s*(?:[-*\u2022]|\(?\d{1,2}[.)]|\(?[a-zA-Z][.)])\s")
-_ENUMERATOR = re.compile(r"\d{1,2}|[a-z]")
-_ENDS = re.compile(r"[.?!][\"'\u201d\u2019)\]]*$")
-_PARAGRAPH = re.compile(r"\n\s*\n")
-_SPACES = re.compile(r"\s+")
-
-
-def _blocks(text: str) -> list[str]:
-    """Paragraphs and list items, each with its soft line wraps turned into spaces."""
-    blocks: list[str] = []
-    for paragraph in _PARAGRAPH.split(text.replace("\r\n", "\n").replace("\r", "\n")):
-        current: list[str] = []
-        for line in paragraph.split("\n"):
-            if _LIST_MARKER.match(line) and current:
-                blocks.append(" ".join(current))
-                current = []
-            current.append(line.strip())
-        blocks.append(" ".join(current))
-    return [b for b in (_SPACES.sub(" ", b).strip() for b in blocks) if b]
-
-
-def _is_boundary(block: str, start: int, match: re.Match) -> bool:
-    """Whether the terminal punctuation `match` ends the sentence that began at `start`."""
-    rest = block[match.end():]
-    if not rest:
-        return True
-    if not rest[0].isspace() or not _SENTENCE_START.match(rest.lstrip()):
-        return False
-    if not match.group().startswith(".") or match.group().startswith(".."):
-        return True  # "?", "!" and ellipses end a sentence before a capital
-    head = block[start:match.start()]
-    last = head.rsplit(" ", 1)[-1]
-    word = last.lstrip("(\"'[\u201c\u2018").lower()
-    if word in ABBREVIATIONS:  # "et al." ends in "al"
-        return False
-    if word in NUMBER_ABBREVIATIONS and rest.lstrip()[0].isdigit():
-        return False
-    before = head[: len(head) - len(last)].rstrip()
-    if _ENUMERATOR.fullmatch(word) and (not before or before.endswith((":", ";"))):
-        return False
-    return True
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split a report/caption into sentences (rules in the module docstring); whitespace is normalised."""
-    sentences: list[str] = []
-    for block in _blocks(text):
-        start = 0
-        for match in _TERMINAL.finditer(block):
-            if _is_boundary(block, start, match):
-                sentences.append(block[start:match.end()].strip())
-                start = match.end()
-        if block[start:].strip():
-            sentences.append(block[start:].strip())
-    return sentences
-
-
-def join_sentences(sentences: Sequence[str]) -> str:
-    """Join sentences as the spec's `". ".join` does, without doubling a period a sentence already has."""
-    return " ".join(s if _ENDS.search(s) else s + "." for s in sentences)
+__all__ = ["SubcaptionConfig", "join_sentences", "sample_subcaption_indices", "sample_subcaptions", "split_sentences"]
 
 
 @dataclass
@@ -136,3 +45,38 @@ def sample_subcaptions(caption: str | Sequence[str], rng: np.random.Generator,
     sentences = split_sentences(caption) if isinstance(caption, str) else list(caption)
     return [join_sentences([sentences[i] for i in draw])
             for draw in sample_subcaption_indices(len(sentences), rng, config)]
+
+
+# British spellings and their American forms (both ways), for phrase_variants
+SPELLINGS = {"tumour": "tumor", "centre": "center", "haemorrhage": "hemorrhage", "oedema": "edema", "fibre": "fiber",
+             "haematoxylin": "hematoxylin", "oesophagus": "esophagus", "anaemia": "anemia", "leukaemia": "leukemia"}
+# count nouns (singular -> plural) whose number a phrase may change; mass nouns ("fat", "necrosis") have none
+PLURALS = {"tumour": "tumours", "tumor": "tumors", "gland": "glands", "lymphocyte": "lymphocytes", "nest": "nests",
+           "aggregate": "aggregates", "lobule": "lobules", "cell": "cells", "focus": "foci"}
+
+
+def phrase_variants(phrase: str) -> list[str]:
+    """Ways a pathologist types the same finding: British/American spelling, singular/plural of its last count
+    noun, with or without an article, and inside "areas of ...", "foci of ...", "presence of ...", "... is
+    present". Training texts (the patch-head stage) are widened with these so that wording does not move a score;
+    the words themselves stay the phrase's own (synonyms are the text encoder's business)."""
+    head, sep, where = phrase.partition(" in the ")
+    forms = {head}
+    for gb, us in SPELLINGS.items():
+        forms |= {f.replace(gb, us) for f in forms} | {f.replace(us, gb) for f in forms}
+    words = {f: f.split() for f in forms}
+    singular = {v: k for k, v in PLURALS.items()}
+    for form, parts in list(words.items()):
+        last = parts[-1]
+        if last in PLURALS:
+            forms.add(" ".join(parts[:-1] + [PLURALS[last]]))
+        elif last in singular:
+            forms.add(" ".join(parts[:-1] + [singular[last]]))
+    out = set()
+    for form in forms:
+        count = form.split()[-1] in PLURALS
+        out |= {form, f"the {form}", f"areas of {form}", f"foci of {form}", f"presence of {form}",
+                f"{form} {'are' if form.split()[-1] in singular else 'is'} present"}
+        if count:
+            out.add(f"{'an' if form[0] in 'aeiou' else 'a'} {form}")
+    return sorted(f"{o}{sep}{where}" for o in out if o != head)

