@@ -5,12 +5,19 @@ A chat model folder holds:
     chat_config.json        ChatConfig (visual dim, image placeholder, token cap and pooling rule, prompts,
                             generation defaults, system prompt)
     projector.safetensors   sigma of the paper: Linear(visual_dim -> LLM hidden), tensors "weight" and "bias"
+                            (+ "slots" [10, hidden] for the "areas" visual layout)
     llm/                    a Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer files with a chat
                             template); may instead be given separately (`llm_dir`, the CLI's --llm DIR)
     adapter/                optional peft LoRA folder (adapter_config.json + adapter_model.safetensors)
 
-Visual input: [slide; region_1..region_N] as a [1 + N, d] tensor, or any object with `slide_embedding` [d] and
-`region_embeddings` [N, d] (the PathFLIP model's SlideEncoding).
+Visual input: any object with `slide_embedding` [d], `region_embeddings` [N, d] and `region_grid` [N, 2] (the
+PathFLIP model's SlideEncoding), or rows already laid out as a [T, d] tensor. Layout (ChatConfig.visual_layout):
+"regions" is the paper's [slide; region_1..region_N]; "areas" is [slide; 9 area tokens; regions], an area token being
+the mean of the region embeddings in one ninth of the tissue (3 x 3 over the extent of the slide's regions, upper left
+first, zeros where a ninth holds no tissue), and the projector adds a learned slot embedding to each of the first 10
+tokens. Why: a pathologist asks *where* ("upper left", "lower right part"); in the paper's layout that is only the
+order of a variable number of region tokens, which the demo chat never learned to read ("where" questions at
+chance), while a slot of its own for each part of the section is the same for every slide.
 
 Splice: the conversation is rendered as text with the tokenizer's own chat template; the image placeholder in the
 first user turn is replaced by 1 + N positions whose input embeddings are the projected visual tokens. The text
@@ -18,7 +25,8 @@ before and after the placeholder is tokenised and kept (the public code dropped 
 the same builder (`build_training_example`), so prompts at training and inference time are identical token for
 token; labels are -100 everywhere except on answer tokens, and every answer ends with EOS.
 
-Token cap: a slide with more regions than `max_visual_tokens - 1` is reduced to exactly that many region tokens by
+Token cap: a slide with more regions than `max_visual_tokens` minus the slide (and area) tokens is reduced to exactly
+that many region tokens by
 `pooling` ("adaptive_avg": adaptive average pooling over the regions in their grid (row-major) order, so every
 region still contributes; "top_norm": keep the regions with the largest embedding norm, in grid order). The slide
 token is never pooled. Answers report it (`ChatAnswer.pooled`, `.notice`).
@@ -64,6 +72,10 @@ LLM_DIR = "llm"
 ADAPTER_DIR = "adapter"
 IGNORE_INDEX = -100  # label of every position that carries no loss (prompt, template, image, padding)
 POOLING_RULES = ("adaptive_avg", "top_norm")
+VISUAL_LAYOUTS = ("regions", "areas")
+# the areas of the "areas" layout, in token order: how captions name the parts of a section
+AREA_NAMES = ("upper left", "upper central", "upper right", "left", "central", "right", "lower left", "lower central",
+              "lower right")
 CHOICE_RULES = ("rank", "generate")  # how a multiple-choice answer's letter is chosen (module docstring)
 # Stand-in for an assistant answer while the chat template renders, so answers never pass through the template and
 # can be tokenised and labelled on their own.
@@ -90,7 +102,8 @@ class ChatConfig:
     """Everything about the chat model that is not a weight. Stored as chat_config.json."""
     visual_dim: int = 256  # d of the PathFLIP slide/region embeddings
     image_token: str = "<image>"  # placeholder in the first user turn that the visual tokens replace
-    max_visual_tokens: int = 1025  # slide token + at most 1,024 region tokens
+    max_visual_tokens: int = 1025  # slide (+ area) tokens + at most this many minus those region tokens
+    visual_layout: str = "regions"  # one of VISUAL_LAYOUTS (module docstring)
     pooling: str = "adaptive_avg"  # rule for slides over the cap, one of POOLING_RULES
     context_tokens: int = 4096  # budget for prompt + answer (also capped by the LLM's max_position_embeddings)
     system_prompt: str = ("You are PathFLIP, an assistant for pathologists. You are given an H&E whole-slide image "
@@ -117,8 +130,17 @@ class ChatConfig:
             raise PathflipError("chat config: history_turns must be None (all) or >= 0")
         if self.choice_rule not in CHOICE_RULES:
             raise PathflipError(f"chat config: choice_rule must be one of {CHOICE_RULES}, not {self.choice_rule!r}")
-        if self.max_visual_tokens < 2:
-            raise PathflipError("chat config: max_visual_tokens must be at least 2 (the slide token and one region)")
+        if self.visual_layout not in VISUAL_LAYOUTS:
+            raise PathflipError(f"chat config: visual_layout must be one of {VISUAL_LAYOUTS}, not "
+                                f"{self.visual_layout!r}")
+        if self.max_visual_tokens < self.leading_tokens + 1:
+            raise PathflipError(f"chat config: max_visual_tokens must be at least {self.leading_tokens + 1} (the "
+                                "slide token, the area tokens of the \"areas\" layout and one region)")
+
+    @property
+    def leading_tokens(self) -> int:
+        """Visual tokens before the regions (never pooled): the slide token, and the area tokens."""
+        return 1 + len(AREA_NAMES) * (self.visual_layout == "areas")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -150,12 +172,29 @@ class VisualTokens:
         return self.embeds.shape[0]
 
 
-def visual_tensor(visual) -> torch.Tensor:
-    """[1 + N, d] float tensor from a tensor/array (slide row first) or a SlideEncoding-like object."""
+def area_index(region_grid) -> torch.Tensor:
+    """[N] long: the area (AREA_NAMES, row-major 3 x 3 over the extent of the slide's regions) of each region."""
+    from .model.regions import region_positions
+
+    cell = torch.from_numpy(region_positions(region_grid)).mul(3).long().clamp(max=2)  # (column, row)
+    return cell[:, 1] * 3 + cell[:, 0]
+
+
+def visual_tensor(visual, layout: str = "regions") -> torch.Tensor:
+    """[T, d] float rows in `layout` (module docstring) from a SlideEncoding-like object, or a tensor/array taken
+    as rows already in that layout (slide row first)."""
     if hasattr(visual, "slide_embedding") and hasattr(visual, "region_embeddings"):
-        slide = torch.as_tensor(visual.slide_embedding).reshape(1, -1)
-        regions = torch.as_tensor(visual.region_embeddings).reshape(-1, slide.shape[1])
-        visual = torch.cat([slide, regions.to(slide.dtype)])
+        slide = torch.as_tensor(visual.slide_embedding).reshape(1, -1).float()
+        regions = torch.as_tensor(visual.region_embeddings).reshape(-1, slide.shape[1]).float()
+        parts = [slide, regions]
+        if layout == "areas":
+            if getattr(visual, "region_grid", None) is None:
+                raise PathflipError("the \"areas\" visual layout needs each region's place (region_grid)")
+            where = area_index(visual.region_grid)
+            sums = torch.zeros(len(AREA_NAMES), regions.shape[1]).index_add_(0, where, regions)
+            counts = torch.bincount(where, minlength=len(AREA_NAMES)).clamp(min=1)[:, None]
+            parts.insert(1, sums / counts)
+        visual = torch.cat(parts)
     visual = torch.as_tensor(visual)
     if visual.ndim != 2 or visual.shape[0] < 1:
         raise PathflipError(f"visual input must be [1 + regions, dim] (slide first), got shape {tuple(visual.shape)}")
@@ -164,10 +203,12 @@ def visual_tensor(visual) -> torch.Tensor:
     return visual.float()
 
 
-def cap_visual_tokens(visual: torch.Tensor, max_tokens: int, rule: str = "adaptive_avg") -> tuple[torch.Tensor, bool]:
-    """Keep the slide row and at most `max_tokens - 1` region rows (module docstring); returns (rows, pooled)."""
-    slide, regions = visual[:1], visual[1:]
-    keep = max_tokens - 1
+def cap_visual_tokens(visual: torch.Tensor, max_tokens: int, rule: str = "adaptive_avg",
+                      leading: int = 1) -> tuple[torch.Tensor, bool]:
+    """Keep the `leading` rows (slide, areas) and at most `max_tokens - leading` region rows (module docstring);
+    returns (rows, pooled)."""
+    slide, regions = visual[:leading], visual[leading:]
+    keep = max_tokens - leading
     if regions.shape[0] <= keep:
         return visual, False
     if rule == "adaptive_avg":
@@ -178,6 +219,26 @@ def cap_visual_tokens(visual: torch.Tensor, max_tokens: int, rule: str = "adapti
     else:
         raise PathflipError(f"unknown pooling rule {rule!r}; use one of {POOLING_RULES}")
     return torch.cat([slide, regions]), True
+
+
+class VisualProjector(nn.Linear):
+    """sigma of the paper: Linear(visual_dim -> LLM hidden), plus a learned embedding added to each of the first
+    `slots` tokens (the slide and area tokens of the "areas" layout; none for "regions")."""
+
+    def __init__(self, visual_dim: int, hidden: int, slots: int = 0):
+        super().__init__(visual_dim, hidden)
+        self.slots = nn.Parameter(torch.zeros(slots, hidden)) if slots else None
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        out = super().forward(rows)
+        if self.slots is None:
+            return out
+        k = min(len(self.slots), out.shape[-2])
+        return torch.cat([out[..., :k, :] + self.slots[:k].to(out.dtype), out[..., k:, :]], dim=-2)
+
+
+def projector_slots(config: ChatConfig) -> int:
+    return config.leading_tokens if config.visual_layout == "areas" else 0
 
 
 # ------------------------------------------------------------------------------------------- prompt building
@@ -559,7 +620,7 @@ class ChatEngine:
     `fast=True` on CPU runs the static-cache loop without compiling. One answer is generated at a time per engine.
     """
 
-    def __init__(self, llm, tokenizer, config: ChatConfig | None = None, projector: nn.Linear | None = None,
+    def __init__(self, llm, tokenizer, config: ChatConfig | None = None, projector: VisualProjector | None = None,
                  fast: bool | None = None):
         self.config = config or ChatConfig()
         self.llm = llm.eval()
@@ -568,7 +629,12 @@ class ChatEngine:
         param = next(llm.parameters())
         self.device, self.dtype = param.device, param.dtype
         if projector is None:
-            projector = nn.Linear(self.config.visual_dim, hidden)
+            projector = VisualProjector(self.config.visual_dim, hidden, projector_slots(self.config))
+        slots = 0 if getattr(projector, "slots", None) is None else len(projector.slots)
+        if slots != projector_slots(self.config):
+            raise PathflipError(f"the projector has {slots} slot embeddings but the visual layout "
+                                f"{self.config.visual_layout!r} needs {projector_slots(self.config)}: "
+                                "projector.safetensors and chat_config.json belong to different chat models")
         if (projector.in_features, projector.out_features) != (self.config.visual_dim, hidden):
             raise PathflipError(
                 f"the projector maps {projector.in_features} -> {projector.out_features} but the visual dim is "
@@ -624,27 +690,36 @@ class ChatEngine:
             if merge:
                 llm = llm.merge_and_unload()
         state = load_file(folder / PROJECTOR_NAME)
-        if set(state) != {"weight", "bias"}:
-            raise PathflipError(f"{folder / PROJECTOR_NAME} must hold exactly the tensors 'weight' and 'bias'")
-        projector = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        if not {"weight", "bias"} <= set(state) <= {"weight", "bias", "slots"}:
+            raise PathflipError(f"{folder / PROJECTOR_NAME} must hold the tensors 'weight' and 'bias' (and 'slots' "
+                                "for the \"areas\" visual layout)")
+        projector = VisualProjector(state["weight"].shape[1], state["weight"].shape[0],
+                                    len(state["slots"]) if "slots" in state else 0)
         projector.load_state_dict(state)
         return cls(llm.to(device), tokenizer, config, projector, fast=fast)
 
-    def save(self, folder: str | Path, include_llm: bool = True) -> Path:
-        """Write the chat model folder. A peft-wrapped LLM is saved as base weights in llm/ plus adapter/."""
-        from safetensors.torch import save_file
+    def save(self, folder: str | Path, include_llm: bool = True, dtype: torch.dtype | None = None) -> Path:
+        """Write the chat model folder. A peft-wrapped LLM is saved as base weights in llm/ plus adapter/. `dtype`
+        (e.g. torch.float16) stores the LLM's and the adapter's floating-point weights in that type (half the bytes;
+        loading casts them to the engine's dtype); the projector stays float32."""
+        from safetensors.torch import load_file, save_file
 
+        cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / CONFIG_NAME)
         save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()},
                   folder / PROJECTOR_NAME)
-        base, base_state = self.llm, None
+        base = self.llm
         if hasattr(self.llm, "peft_config"):
             self.llm.save_pretrained(folder / ADAPTER_DIR)
+            if dtype is not None:
+                adapter = folder / ADAPTER_DIR / "adapter_model.safetensors"
+                save_file({k: cast(v).contiguous() for k, v in load_file(adapter).items()}, adapter)
             base = self.llm.get_base_model()
-            # the base model still carries the LoRA wrappers: save the original weights under their original names
-            base_state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        # the base model may still carry the LoRA wrappers: save the original weights under their original names
+        base_state = {k.replace(".base_layer.", "."): cast(v.detach()) for k, v in base.state_dict().items()
+                      if "lora_" not in k}
         if include_llm:
             base.save_pretrained(folder / LLM_DIR, state_dict=base_state)
             self.tokenizer.save_pretrained(folder / LLM_DIR)
@@ -658,18 +733,19 @@ class ChatEngine:
         """Validate, cap (config.max_visual_tokens, config.pooling) and project a slide's [slide; regions] rows."""
         if isinstance(visual, VisualTokens):
             return visual
-        rows = visual_tensor(visual)
+        rows = visual_tensor(visual, self.config.visual_layout)
         if rows.shape[1] != self.config.visual_dim:
             raise PathflipError(f"the slide embeddings are {rows.shape[1]}-d but this chat model expects "
                                 f"{self.config.visual_dim}-d: use the chat weights trained with this PathFLIP model")
-        capped, pooled = cap_visual_tokens(rows, self.config.max_visual_tokens, self.config.pooling)
+        leading = self.config.leading_tokens
+        capped, pooled = cap_visual_tokens(rows, self.config.max_visual_tokens, self.config.pooling, leading)
         notice = None
         if pooled:
-            notice = (f"This slide has {rows.shape[0] - 1:,} regions; they were pooled to {capped.shape[0] - 1:,} "
-                      f"region tokens ({self.config.pooling}) to fit the chat model.")
+            notice = (f"This slide has {rows.shape[0] - leading:,} regions; they were pooled to "
+                      f"{capped.shape[0] - leading:,} region tokens ({self.config.pooling}) to fit the chat model.")
         with torch.no_grad():
             embeds = self.projector(capped.to(self.device, self.dtype))
-        return VisualTokens(embeds, rows.shape[0] - 1, pooled, notice)
+        return VisualTokens(embeds, rows.shape[0] - leading, pooled, notice)
 
     def _decoder(self):
         if not self.fast:

@@ -7,18 +7,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = Path(__file__).resolve().parent / "data"
+# Optional extra data beside the project: the SlideBench CSVs (public, licence unclear, so not in this repository)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"shared test data must sit beside the project: {SHARED_DATA}"
+    """../shared/data with the SlideBench CSVs; the tests that read them skip when it is not beside the project."""
+    if not (SHARED_DATA / "slidebench").is_dir():
+        pytest.skip(f"needs the SlideBench CSVs in {SHARED_DATA / 'slidebench'} (not shipped with the repository: "
+                    "their licence is unclear)")
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
-def wsi_dir(shared_data) -> Path:
-    return shared_data / "wsi"
+def wsi_dir(tmp_path_factory) -> Path:
+    """The real slides of tests/data plus damaged files made from them at the start of the session (see
+    tests/data/README.md): unreadable.svs (small.svs with its level-0 tile broken), unopenable.tiff (a compression
+    nobody knows), broken.svs (not a TIFF), truncated.tiff (a TIFF header pointing past the end of the file)."""
+    import shutil
+
+    from wsi_writer import corrupt_tile, write_unknown_compression
+
+    folder = tmp_path_factory.mktemp("wsi")
+    for name in ("CMU-1-Small-Region.svs", "small.svs"):
+        (folder / name).symlink_to(TEST_DATA / name)
+    shutil.copyfile(TEST_DATA / "small.svs", folder / "unreadable.svs")
+    corrupt_tile(folder / "unreadable.svs", level=0, x=0, y=0)
+    write_unknown_compression(folder / "unopenable.tiff")
+    (folder / "broken.svs").write_bytes(b"This is a text file renamed to .svs, not a slide.\n" * 20)
+    (folder / "truncated.tiff").write_bytes(b"II*\x00" + (4096).to_bytes(4, "little"))
+    return folder
 
 
 # Small randomly initialised weights, saved and reloaded exactly like real ones, laid out like sample_data/weights:
@@ -49,17 +69,33 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chat_folder(weights, shared_data) -> Path:
-    """A tiny random Qwen3-architecture chat model over the `weights` embeddings, in weights/../chat."""
+def report_texts() -> list[str]:
+    """Text to train the test LLMs' tokenizers on: the real SlideBench captions when ../shared is beside the project,
+    else synthetic captions (training.synthetic) with a few report sentences holding decimals and symbols."""
     import csv
 
+    path = SHARED_DATA / "slidebench" / "SlideBench-Caption-TCGA.csv"
+    if path.is_file():
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [row["Caption"] for row in csv.DictReader(f)]
+    from training.synthetic import SyntheticConfig, make_slide_spec
+
+    small = SyntheticConfig(width=4096, height=4096)
+    reports = ["The tumour measures 3.5 cm in greatest dimension; margins are clear by 1.2 mm.",
+               "Invasive ductal carcinoma, grade 2 (Nottingham score 6/9), pT2 N0.",
+               "Ki-67 index is approximately 15 %; ER positive (Allred 8), HER2 negative."]
+    return [make_slide_spec(seed, "train", small).caption for seed in range(120)] + reports * 10
+
+
+@pytest.fixture(scope="session")
+def chat_folder(weights, report_texts) -> Path:
+    """A tiny random Qwen3-architecture chat model over the `weights` embeddings, in weights/../chat."""
     import torch
 
     from napari_pathflip.chat import ChatConfig, ChatEngine, GenerationSettings
     from training.tiny_llm import TinyLLMConfig, build_tiny_llm
 
-    with open(shared_data / "slidebench" / "SlideBench-Caption-TCGA.csv", encoding="utf-8-sig", newline="") as f:
-        captions = [row["Caption"] for row in csv.DictReader(f)]
+    captions = report_texts
     torch.manual_seed(0)
     small = TinyLLMConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                           num_key_value_heads=1, head_dim=32, intermediate_size=128)

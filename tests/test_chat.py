@@ -1,9 +1,9 @@
 """Chat engine: splice, training labels, folders with LoRA, decoding (greedy, streaming, cancel), caps, errors.
 
-A tiny random Qwen3 model with a BPE tokenizer trained on the real SlideBench captions stands in for the LLM.
+A tiny random Qwen3 model with a BPE tokenizer trained on report text (the real SlideBench captions when
+../shared is present, conftest.report_texts) stands in for the LLM.
 """
 
-import csv
 import re
 import threading
 
@@ -37,9 +37,8 @@ SMALL = TinyLLMConfig(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num
 
 
 @pytest.fixture(scope="module")
-def captions(shared_data):
-    with open(shared_data / "slidebench" / "SlideBench-Caption-TCGA.csv", encoding="utf-8-sig", newline="") as f:
-        return [row["Caption"] for row in csv.DictReader(f)]
+def captions(report_texts):
+    return report_texts
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +221,18 @@ def test_lora_folder_round_trip_merged_and_unmerged(llm, llm_dir, tokenizer, tmp
     separate = ChatEngine.load(tmp_path / "chat", llm_dir=llm_dir, device="cpu", merge=True)
     assert separate.generate(visual(4), [{"role": "user", "content": "Describe the slide."}],
                              GREEDY).token_ids == expected.token_ids
+
+    # float16 storage (the demo chat): half the bytes, and the loaded weights are the float16-rounded ones
+    engine.save(tmp_path / "half", dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    stored = {**load_file(tmp_path / "half" / "llm" / "model.safetensors"),
+              **load_file(tmp_path / "half" / "adapter" / "adapter_model.safetensors")}
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    half = ChatEngine.load(tmp_path / "half", device="cpu")
+    rounded = {k: v.half().float() for k, v in engine.llm.state_dict().items()}
+    assert all(torch.equal(v, rounded[k]) for k, v in half.llm.state_dict().items() if v.is_floating_point())
+    assert torch.equal(half.projector.weight, engine.projector.weight)  # the projector stays float32
 
 
 def test_greedy_is_deterministic_and_streaming_is_incremental(llm, tokenizer):
@@ -498,3 +509,45 @@ def test_ranked_choice_starts_with_the_best_option_and_streams_it_first(llm, tok
         conversation.ask_choice("What is the grade?", options, rule="vote")
     with pytest.raises(PathflipError, match="choice_rule"):
         ChatConfig(choice_rule="vote")
+
+
+def test_areas_layout_gives_each_part_of_the_section_a_slot_of_its_own(llm, tokenizer, tmp_path):
+    """visual_layout "areas": [slide; 9 area tokens; regions], an area token the mean of the regions in one ninth of
+    the tissue (upper left first, zeros where there is none), slot embeddings on the first 10 tokens, saved with the
+    projector; a 5 x 4 region grid puts regions (0, 0), (1, 0) in the upper left, (4, 3) in the lower right."""
+    from napari_pathflip.chat import AREA_NAMES, VisualProjector, area_index, visual_tensor
+
+    grid = torch.tensor([(c, r) for r in range(4) for c in range(5) if (c, r) not in ((2, 1), (2, 2))]).numpy()
+    assert area_index(grid).tolist()[:5] == [0, 0, 1, 2, 2]
+    rows = visual(len(grid))
+
+    class Encoding:
+        slide_embedding = rows[0]
+        region_embeddings = rows[1:]
+        region_grid = grid
+
+    areas = visual_tensor(Encoding(), "areas")
+    assert areas.shape == (1 + 9 + len(grid), VISUAL_DIM) and torch.equal(areas[0], rows[0])
+    assert torch.equal(areas[10:], rows[1:])
+    where = area_index(grid)
+    for a in range(len(AREA_NAMES)):
+        members = rows[1:][where == a]
+        expected = members.mean(0) if len(members) else torch.zeros(VISUAL_DIM)
+        assert torch.allclose(areas[1 + a], expected, atol=1e-6), AREA_NAMES[a]
+    assert not (where == 4).any() and torch.equal(areas[5], torch.zeros(VISUAL_DIM))  # the gap: no central region
+    with pytest.raises(PathflipError, match="region_grid"):
+        visual_tensor(type("NoGrid", (), {"slide_embedding": rows[0], "region_embeddings": rows[1:]})(), "areas")
+
+    engine = make_engine(llm, tokenizer, visual_layout="areas", max_visual_tokens=15)
+    assert isinstance(engine.projector, VisualProjector) and engine.projector.slots.shape == (10, 128)
+    with torch.no_grad():
+        engine.projector.slots.normal_()
+    tokens = engine.encode_visual(Encoding())
+    assert len(tokens) == 15 and tokens.pooled and tokens.regions_in == len(grid)  # 10 kept + 5 pooled regions
+    plain = engine.projector.weight @ areas[:10].T + engine.projector.bias[:, None]
+    assert torch.allclose(tokens.embeds[:10], plain.T + engine.projector.slots, atol=1e-5)
+    engine.save(tmp_path / "chat")
+    again = ChatEngine.load(tmp_path / "chat", device="cpu")
+    assert again.config.visual_layout == "areas" and torch.equal(again.encode_visual(Encoding()).embeds, tokens.embeds)
+    with pytest.raises(PathflipError, match="slot embeddings"):
+        ChatEngine(llm, tokenizer, ChatConfig(visual_dim=VISUAL_DIM), engine.projector)
