@@ -169,3 +169,45 @@ def test_frozen_text_tower_trains_the_rest_and_encodes_each_text_once(split, tmp
     assert not torch.equal(trained["text_proj.weight"], start["text_proj.weight"])
     assert not torch.equal(trained["qformer.layers.0.cross_attn.query.weight"],
                            start["qformer.layers.0.cross_attn.query.weight"])
+
+
+def test_hard_negative_batches_put_caption_neighbours_together():
+    """similar_in_batch: a batch starts at the next unused slide of a seeded shuffle and takes its nearest unused
+    caption neighbours; every slide is used once per epoch and the epochs differ."""
+    from training.align import similar_batches
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(40, 2))
+    order = np.argsort(((points[:, None] - points[None]) ** 2).sum(-1), axis=1)[:, 1:]  # nearest first
+    batches = similar_batches(order[:, :6], size=8, similar=4, seed=3, epoch=0)
+    assert len(batches) == 40 // 8 and all(len(b) == len(set(b)) == 8 for b in batches)
+    assert len({i for b in batches for i in b}) == 40
+    first = batches[0]
+    assert first[1:4] == order[first[0], :3].tolist()  # the first batch's neighbours are all still unused
+    assert similar_batches(order[:, :6], 8, 4, 3, 0) == batches != similar_batches(order[:, :6], 8, 4, 3, 1)
+
+
+def test_region_loss_leaves_out_another_slides_subcaption_that_is_true_here(monkeypatch):
+    """Slide 0's negatives are one subcaption of each other slide; "Fibrous stroma surrounds the tumour nest." of
+    slide 1 also ends slide 0's caption, so it is left out (label 0) instead of pushed away."""
+    from napari_pathflip.model import SlideInput, modeling
+
+    seen = []
+    real = modeling.region_sigmoid_loss
+    monkeypatch.setattr(modeling, "region_sigmoid_loss", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    torch.manual_seed(0)
+    model = build_model(AlignConfig(init="bert", model={"region_patches": 4, "max_patches_per_region": 16}), 8)
+    coords = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2) * 256
+    slides = [SlideInput(torch.randn(len(coords), 8), coords, 256) for _ in range(3)]
+    shared = "Fibrous stroma surrounds the tumour nest."
+    captions = [f"Necrosis is present. {shared}", f"A tumour nest occupies the left part. {shared}",
+                "Fat lobules occupy the lower left part."]
+    subcaptions = [[shared], [shared], ["Fat lobules occupy the lower left part."]]
+    losses = model(slides, captions, subcaptions)
+    assert torch.isfinite(losses["region"])
+    labels = seen[0]
+    assert labels[0].tolist() == [1.0, 0.0, -1.0]  # slide 0: own, slide 1's shared sentence, slide 2's fat
+    assert labels[2].tolist() == [1.0, -1.0, -1.0]  # slide 2's caption does not have the stroma sentence
+    loss = real(torch.ones(1, 2, 4), torch.ones(1, 2, 4), torch.tensor([[1.0, 0.0]]), torch.tensor(1.0))
+    assert loss == pytest.approx(float(real(torch.ones(1, 1, 4), torch.ones(1, 1, 4), torch.tensor([[1.0]]),
+                                            torch.tensor(1.0))))

@@ -15,7 +15,7 @@ from napari_pathflip.features import read_h5
 from training.data import (AlignmentDataset, FeatureSlides, build_synthetic_corpus, collate_alignment,
                            jpeg_round_trip, main)
 from training.sources import Record, read_caption_csv, read_llava_json, read_vqa_csv
-from training.synthetic import SyntheticConfig, make_slide_spec, render_patches, write_slide
+from training.synthetic import POSITIONS, SyntheticConfig, make_slide_spec, render_patches, write_slide
 from training.text import split_sentences
 
 SMALL_SLIDE = SyntheticConfig(width=4096, height=4096)  # 16 x 16 patches, ~170 of them tissue
@@ -60,13 +60,29 @@ def test_corpus_files_read_back_with_the_source_readers(corpus):
         assert record.options == tuple(q.options[letter] for letter in "ABCD")
 
     conversations = read_llava_json(corpus / "instruct.json")
+    dialogues = [r for r in conversations if r.id.endswith("-dialogue")]
+    conversations = [r for r in conversations if not r.id.endswith("-dialogue")]
     assert [r.task for r in conversations].count("caption") == 3
     assert [r.task for r in conversations].count("vqa") == len(expected)
+    # each slide's caption and questions once more as one multi-turn conversation, in that order
+    for dialogue, slide_id, spec in zip(dialogues, ids, specs):
+        assert dialogue.slide_id == slide_id and dialogue.turns[0][1] == spec.caption
+        assert [answer for _, answer in dialogue.turns[1:]] == [f"{q.answer}. {q.options[q.answer].rstrip('.')}."
+                                                               for q in spec.questions]
     for record, (_, q) in zip([r for r in conversations if r.task == "vqa"], expected):
         assert record.answer == q.answer  # "X. reason" parses to the letter
         assert record.turns[0][1] == f"{q.answer}. {q.options[q.answer].rstrip('.')}."
     raw = json.loads((corpus / "instruct.json").read_text())
     assert all(item["conversations"][0]["value"].startswith("<image>\n") for item in raw)
+
+    # facts.json: every caption sentence is true of its own slide; a tumour's place is a fact of the slide
+    facts = json.loads((corpus / "facts.json").read_text())
+    for slide_id, spec in zip(ids, specs):
+        true = set(facts["slides"][slide_id])
+        assert all(set(facts["sentences"][sentence]) <= true for sentence in spec.sentences)
+        assert ("tumour" in true) == bool(spec.layout.tumour)
+        assert {f"tumour@{POSITIONS[p]}" for p in spec.layout.tumour} <= true
+    assert facts["phrases"]["fat in the lower left part"] == ["fat@lower left"]
 
 
 def test_features_and_truth_describe_the_slide(corpus):

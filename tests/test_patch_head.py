@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from napari_pathflip.analysis import default_weights_dir
 from napari_pathflip.model import PathFLIP
+from napari_pathflip.model.patch_head import patch_positions
 from training import patch_head
 from training.data import FeatureSlides, build_synthetic_corpus, slide_name, write_text_files
 from training.sources import read_records
@@ -52,7 +53,10 @@ def test_training_adds_only_the_head_and_lowers_its_objective(weights, small_spl
     ids, bags, vocab = patch_head._bags(slides, read_records(small_split / "captions.csv"))
     texts = model.encode_text(vocab)
     final = patch_head._full_loss(model.patch_head, texts, slides, ids, bags, config)
-    assert final == pytest.approx(float(re.search(r"training slides (\S+)$", lines[-1])[1]), abs=1e-4)
+    logged = next(m for m in map(re.compile(r"training slides (\S+)$").search, lines) if m)
+    assert final == pytest.approx(float(logged[1]), abs=1e-4)
+    # presence calibrated on the training slides: the logged threshold is the stored scale and bias
+    assert model.config.presence_scale != 1.0 and f"bias {model.config.presence_bias:.3f}" in lines[-1]
     untrained = PathFLIP.from_pretrained(weights).add_patch_head()
     untrained.load_state_dict({k: v for k, v in model.patch_head.state_dict().items() if k.startswith("feature_")},
                               strict=False)
@@ -75,3 +79,40 @@ def test_shipped_head_grounds_findings_on_new_slides_better_than_attention(tmp_p
         assert head["patch"]["auroc_mean"] > attention["patch"]["auroc_mean"] + 0.05, kind
         assert head["region"]["pointing_game"] >= attention["region"]["pointing_game"], kind
     assert np.isfinite(result["grounding_phrase"]["patch"]["pointing_game"])
+
+
+def test_facts_label_each_sentence_by_what_it_asserts(weights):
+    """With facts (synthetic splits write facts.json) a sentence is true of a slide when its facts are among the
+    slide's: "necrosis" is a positive for a slide with necrosis even if its caption words it otherwise, and "tumour in
+    the lower right" a negative for a slide whose tumour lies upper left, however alike the two sentences read."""
+    import torch
+    import torch.nn.functional as F
+
+    from napari_pathflip.model import SlideInput
+
+    model = PathFLIP.from_pretrained(weights)
+    head = model.add_patch_head()
+    rng = np.random.default_rng(0)
+    coords = np.stack(np.meshgrid(np.arange(5), np.arange(4)), -1).reshape(-1, 2) * 256
+    slides = [SlideInput(torch.from_numpy(rng.normal(size=(20, model.config.patch_dim)).astype(np.float32)),
+                         coords, 256) for _ in range(2)]
+    texts = F.normalize(torch.randn(3, model.config.embed_dim), dim=-1)
+    facts = patch_head.Facts([frozenset({"tumour@upper left"}), frozenset({"tumour@lower right"}),
+                              frozenset({"necrosis"})],
+                             [frozenset({"tumour@upper left", "necrosis"}), frozenset({"tumour@lower right"})], [])
+    bags = [[0], [1]]
+    # every sentence a synonym of every other: without facts all negatives are left out
+    with torch.no_grad():
+        exact = patch_head.bag_loss(head, texts, slides, bags, -2.0, facts=facts)
+        masked = patch_head.bag_loss(head, texts, slides, bags, -2.0)
+        where = torch.from_numpy(np.stack([patch_positions(coords, 256)] * 2))
+        sim = head.embed_text(texts[:2]) @ head.embed_patches(torch.stack([s.features for s in slides]),
+                                                               where).transpose(1, 2)
+        valid = torch.ones(2, 1, 20, dtype=torch.bool)
+        logits = head.logits(head.pooled(sim, valid)).T  # [2 used sentences, 2 slides]
+        # used sentences are those of the bags (0 and 1): exact labels [[1, 0], [0, 1]], every pair counted
+        expected = F.binary_cross_entropy_with_logits(logits, torch.eye(2))
+        only_positives = F.binary_cross_entropy_with_logits(logits.diagonal(), torch.ones(2))
+    assert float(exact) == pytest.approx(float(expected), rel=1e-5)
+    assert float(masked) == pytest.approx(float(only_positives), rel=1e-5)
+    assert facts.true(2, 0) and not facts.true(2, 1) and not facts.true(1, 0)

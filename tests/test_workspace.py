@@ -18,7 +18,7 @@ from napari_pathflip.viewer.tasks import LatestRunner
 
 PLUGIN = "napari-pathflip"
 DEMO = "PathFLIP demo slide"
-DEMO_SIZE, MPP, PATCH, REGION = 12288, 0.5, 256, 4096
+DEMO_SIZE, MPP, PATCH, REGION = 8192, 0.5, 256, 4096
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,11 @@ class AlignConfig:
     p_consecutive: float = 0.5
     # --- optimisation (original code: AdamW 1e-4, wd 0.05, 200 warmup steps from 1e-6, cosine to 5e-6)
     batch_size: int = 8  # slides per process per micro-batch (the contrastive batch of one rank)
+    # Hard negatives: this many slides of each micro-batch are its first slide and the slides whose captions are
+    # most like its caption (frozen text tower), the rest drawn at random. In random batches two slides rarely
+    # share their findings, so the slide loss never needs *where* they lie; with neighbours in the batch it does.
+    # 0 = random batches (the original code).
+    similar_in_batch: int = 0
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 1e-4
     warmup_start_lr: float = 1e-6
@@ -181,15 +186,17 @@ def feature_statistics(slides, max_slides: int = 256) -> tuple[torch.Tensor, tor
     return mean.float(), (square / count - mean * mean).clamp(min=0).sqrt().float()
 
 
-def live_dimensions(std: torch.Tensor) -> torch.Tensor:
-    """Feature dimensions that vary (std above 1e-6 of the largest): the others are constant, not to be scaled."""
-    return std > 1e-6 * std.max()
+def live_dimensions(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Feature dimensions that vary: std above 1e-6 of the largest and above 1e-3 of the dimension's own mean. The
+    others are constant, not to be scaled: a dimension whose spread is 1e-5 of its mean, scaled by 1 / std in
+    float32, loses its spread to rounding (x / std - mean / std cancels 5 of float32's 7 digits)."""
+    return (std > 1e-6 * std.max()) & (std > 1e-3 * mean.abs())
 
 
 def standardize_patch_proj(model, mean: torch.Tensor, std: torch.Tensor) -> None:
     """patch_proj(x) = W ((x - mean) / std) with W random of unit output scale; constant dimensions get weight 0."""
     proj = model.patch_proj
-    live = live_dimensions(std)
+    live = live_dimensions(mean, std)
     scale = torch.where(live, 1.0 / std.clamp(min=1e-12), torch.zeros_like(std))
     with torch.no_grad():
         weight = torch.randn(proj.out_features, proj.in_features) / math.sqrt(max(int(live.sum()), 1))
@@ -200,7 +207,7 @@ def standardize_patch_proj(model, mean: torch.Tensor, std: torch.Tensor) -> None
 def build_model(config: AlignConfig, patch_dim: int, slides=None):
     """The PathFLIP model to train (random parts seeded by config.seed); `slides` feed standardize_patches."""
     from napari_pathflip.model import PathFLIP, PathFLIPConfig
-    from napari_pathflip.model.modeling import _load_tokenizer, default_bert_dir
+    from napari_pathflip.model.modeling import TEXT_TOWER_PACKAGE, _load_tokenizer, default_bert_dir
 
     torch.manual_seed(config.seed)
     if config.init == "weights":
@@ -209,6 +216,8 @@ def build_model(config: AlignConfig, patch_dim: int, slides=None):
             raise PathflipError(f"{config.init_weights} expects {model.config.patch_dim}-d patch features but the "
                                 f"training features are {patch_dim}-d: use features of the same encoder")
         model.config.max_regions = config.max_regions
+        if not config.freeze_text:
+            model.config.text_tower = ""  # the tower trains: it is saved with the rest
         return freeze_text_tower(model) if config.freeze_text else model.train()
     overrides = {"patch_dim": patch_dim, **config.model, "max_regions": config.max_regions}
     try:
@@ -220,6 +229,8 @@ def build_model(config: AlignConfig, patch_dim: int, slides=None):
     bert_dir = Path(config.bert_dir) if config.bert_dir else default_bert_dir()
     if config.init == "bert":
         model = PathFLIP.from_bert(bert_dir, model_config)
+        if config.freeze_text:  # the tower stays the BERT's: the weights folder refers to it instead of a copy
+            model.config.text_tower = str(bert_dir.resolve()) if config.bert_dir else TEXT_TOWER_PACKAGE
     else:
         model = PathFLIP(model_config, _load_tokenizer(bert_dir))
     if config.standardize_patches and slides is not None:
@@ -229,8 +240,9 @@ def build_model(config: AlignConfig, patch_dim: int, slides=None):
 
 def freeze_text_tower(model):
     """AlignConfig.freeze_text: no gradient for the text path of the Q-Former, each text encoded once."""
-    for name, p in model.qformer.named_parameters():
-        if name.startswith("embeddings.") or ".self_attn." in name or ".ffn." in name:
+    frozen = set(model.text_tower_keys())
+    for name, p in model.named_parameters():
+        if name in frozen:
             p.requires_grad_(False)
     model.text_cache = {}
     return model.train()
@@ -387,9 +399,53 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _epoch_batches(dataset, config: AlignConfig, epoch: int, rank: int, world: int) -> list[list[int]]:
+def caption_neighbours(model, captions: list[str], count: int) -> np.ndarray:
+    """[C, count] indices of each caption's most similar other captions (cosine of the text tower's pooled
+    output, before the trainable projection), most similar first."""
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        pooled = torch.cat([model._pooled_text(captions[i:i + 64], model.config.max_caption_tokens).float()
+                            for i in range(0, len(captions), 64)])
+        model.train(was)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    similarity = pooled @ pooled.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.topk(min(count, len(captions) - 1), dim=1).indices.cpu().numpy()
+
+
+def similar_batches(neighbours: np.ndarray, size: int, similar: int, seed: int, epoch: int) -> list[list[int]]:
+    """An epoch's batches (config.similar_in_batch): each starts at the next unused item of a seeded shuffle,
+    takes its nearest unused neighbours up to `similar` items, then unused items in shuffle order up to `size`."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(neighbours)).tolist()
+    used = np.zeros(len(neighbours), bool)
+    batches = []
+    for anchor in order:
+        if used[anchor]:
+            continue
+        batch = [anchor]
+        used[anchor] = True
+        for group in (neighbours[anchor].tolist(), order):
+            limit = similar if group is not order else size
+            for item in group:
+                if len(batch) >= limit:
+                    break
+                if not used[item]:
+                    batch.append(item)
+                    used[item] = True
+        if len(batch) == size:
+            batches.append(batch)
+    return batches
+
+
+def _epoch_batches(dataset, config: AlignConfig, epoch: int, rank: int, world: int,
+                   neighbours: np.ndarray | None = None) -> list[list[int]]:
     """This rank's micro-batches of an epoch: a seeded shuffle split across ranks, incomplete batches dropped
-    (every rank must contribute the same number of slides to the gathered contrastive loss)."""
+    (every rank must contribute the same number of slides to the gathered contrastive loss); with `neighbours`
+    the hard-negative batches of similar_batches, dealt out to the ranks in turn."""
+    if neighbours is not None:
+        batches = similar_batches(neighbours, config.batch_size, config.similar_in_batch, config.seed, epoch)
+        return batches[rank: len(batches) - len(batches) % world: world]
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=config.seed, drop_last=True)
     sampler.set_epoch(epoch)
@@ -416,6 +472,9 @@ def train(config: AlignConfig, resume: bool = False) -> Path:
     model = build_model(config, dataset.slides.feature_dim() if hasattr(dataset.slides, "feature_dim")
                         else int(dataset[0][0].features.shape[1]), dataset.slides).to(device)
     optimizer, scheduler = build_optimizer(model, config, total)
+    neighbours = None
+    if config.similar_in_batch > 1:
+        neighbours = caption_neighbours(model, [r.turns[0][1] for r in dataset.records], config.similar_in_batch)
     generator = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)  # region sampling, negatives
     torch.manual_seed(config.seed + 7919 * (rank + 1))  # dropout: a different stream per rank
     step = 0
@@ -446,7 +505,7 @@ def train(config: AlignConfig, resume: bool = False) -> Path:
     while step < total:
         epoch = step // steps_per_epoch
         dataset.set_epoch(epoch)
-        batches = _epoch_batches(dataset, config, epoch, rank, world)[: steps_per_epoch * config.grad_accum]
+        batches = _epoch_batches(dataset, config, epoch, rank, world, neighbours)[: steps_per_epoch * config.grad_accum]
         skip = (step % steps_per_epoch) * config.grad_accum
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], collate_fn=collate_alignment,
                                              num_workers=config.num_workers)

@@ -6,7 +6,10 @@ A split folder (what `python -m training corpus` writes, and what a user can ass
     captions.csv             SlideBench caption CSV (ID, Slide, Tumor, Question, Caption); Slide = features/<id>.h5
     vqa.csv                  SlideBench VQA CSV (ID, Slide, Tumor, Broad/Narrow Category, Question, A-D, Answer)
     instruct.json            LLaVA-style conversations (SlideInstruction layout): one caption and the
-                             multiple-choice questions of every slide
+                             multiple-choice questions of every slide, and all of them as one multi-turn dialogue
+    facts.json               synthetic only: what each caption sentence (and each short phrase named after a fact)
+                             asserts and what is true of each slide (training.synthetic.sentence_facts), for exact
+                             labels in the patch-head stage
     truth/<slide_id>.npz     synthetic ground truth: patch-grid labels, every finding's name, sentence and patch
                              mask, plus the caption and questions the text files are rebuilt from
 
@@ -170,16 +173,27 @@ def _narrow_category(question: str) -> str:
 def write_text_files(split_dir: str | Path, slide_ids: Sequence[str]) -> None:
     """captions.csv, vqa.csv and instruct.json of a split folder from its truth files, in `slide_ids` order."""
     split_dir = Path(split_dir)
-    captions, vqa, conversations = [], [], []
+    from training.synthetic import Layout, fact_phrases, sentence_facts, slide_facts
+
+    captions, vqa, conversations, dialogues = [], [], [], []
+    facts = {"sentences": {}, "slides": {}, "phrases": fact_phrases()}
     for slide_id in slide_ids:
         with np.load(split_dir / "truth" / f"{slide_id}.npz", allow_pickle=False) as truth:
             caption = str(truth["caption"])
             questions = json.loads(str(truth["questions"]))
+            layout = Layout.from_key(str(truth["layout"]))
+            named = dict(zip(map(str, truth["finding_sentences"]), map(str, truth["finding_names"])))
+            names = [named.get(str(sentence), "no_tumour") for sentence in truth["sentences"]]  # the one unnamed
+            for sentence, name in zip(map(str, truth["sentences"]), names):
+                facts["sentences"][sentence] = sentence_facts(layout, name)
+            facts["slides"][slide_id] = slide_facts(layout, names)
         reference = f"features/{slide_id}.h5"
         captions.append({"ID": str(len(captions) + 1), "Slide": reference, "Tumor": TUMOR_NAME,
                          "Question": CAPTION_PROMPT, "Caption": caption})
         conversations.append({"id": f"{slide_id}-caption", "image": [reference], "conversations": [
             {"from": "human", "value": "<image>\n" + CAPTION_PROMPT}, {"from": "gpt", "value": caption}]})
+        # the same turns as one multi-turn conversation: the chat learns to answer after its own description
+        dialogue = list(conversations[-1]["conversations"])
         for k, q in enumerate(questions):
             options = [q["options"].get(letter, "") for letter in OPTION_LETTERS]
             vqa.append({"ID": str(len(vqa) + 1), "Slide": reference, "Tumor": TUMOR_NAME,
@@ -189,6 +203,9 @@ def write_text_files(split_dir: str | Path, slide_ids: Sequence[str]) -> None:
             conversations.append({"id": f"{slide_id}-q{k}", "image": [reference], "conversations": [
                 {"from": "human", "value": "<image>\n" + format_choice_question(q["question"], options)},
                 {"from": "gpt", "value": answer}]})
+            dialogue += [{"from": "human", "value": format_choice_question(q["question"], options)},
+                         {"from": "gpt", "value": answer}]
+        dialogues.append({"id": f"{slide_id}-dialogue", "image": [reference], "conversations": dialogue})
 
     def csv_text(columns, rows) -> str:
         buffer = io.StringIO()
@@ -199,16 +216,32 @@ def write_text_files(split_dir: str | Path, slide_ids: Sequence[str]) -> None:
 
     _write_text(split_dir / "captions.csv", csv_text(CAPTION_COLUMNS, captions))
     _write_text(split_dir / "vqa.csv", csv_text(VQA_COLUMNS, vqa))
-    _write_text(split_dir / "instruct.json", json.dumps(conversations, indent=1) + "\n")
+    _write_text(split_dir / "instruct.json", json.dumps(conversations + dialogues, indent=1) + "\n")
+    _write_text(split_dir / "facts.json", json.dumps(facts, indent=1, sort_keys=True) + "\n")
+
+
+def slide_config(config, split: str, seed: int, sizes: Sequence[int] | None):
+    """The geometry of one corpus slide: `config` (default SyntheticConfig()), its width and height each drawn
+    from `sizes` by (split, seed) when sizes are given (slides of several sizes and shapes)."""
+    import dataclasses
+
+    from training.synthetic import SPLITS, SyntheticConfig
+
+    config = config or SyntheticConfig()
+    if not sizes:
+        return config
+    width, height = np.random.default_rng([SPLITS.index(split), seed, 7]).choice(np.asarray(sizes), 2)
+    return dataclasses.replace(config, width=int(width), height=int(height))
 
 
 def build_synthetic_corpus(out_dir: str | Path, split: str, count: int, *, seed0: int = 0,
-                           encoder="builtin", config=None, batch_size: int = 128, jpeg: bool = True,
-                           progress: ProgressFn | None = None) -> Path:
+                           encoder="builtin", config=None, sizes: Sequence[int] | None = None,
+                           batch_size: int = 128, jpeg: bool = True, progress: ProgressFn | None = None) -> Path:
     """Build (or finish) the split folder out_dir/<split> with `count` synthetic slides, seeds seed0.. .
 
     `config` (a training.synthetic.SyntheticConfig) changes the slide geometry, e.g. smaller slides for tests;
-    `jpeg=False` skips the JPEG round trip (features of the uncompressed pixels). Returns the split folder.
+    `sizes` draws each slide's width and height from these (slide_config); `jpeg=False` skips the JPEG round trip
+    (features of the uncompressed pixels). Returns the split folder.
     """
     from napari_pathflip.encoders import build_encoder
     from training.synthetic import SPLITS, make_slide_spec
@@ -224,8 +257,8 @@ def build_synthetic_corpus(out_dir: str | Path, split: str, count: int, *, seed0
         finished = (split_dir / "truth" / f"{slide_id}.npz").is_file() and \
             (split_dir / "features" / f"{slide_id}.h5").is_file()
         if not finished:
-            build_slide(make_slide_spec(seed, split, config), split_dir, slide_id, encoder,
-                        batch_size=batch_size, jpeg=jpeg)
+            build_slide(make_slide_spec(seed, split, slide_config(config, split, seed, sizes)), split_dir,
+                        slide_id, encoder, batch_size=batch_size, jpeg=jpeg)
         if progress:
             progress(done + 1, count, slide_id)
     write_text_files(split_dir, ids)
@@ -369,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed0", type=int, default=0, help="first slide seed")
     parser.add_argument("--encoder", default="builtin", help="patch encoder (default builtin)")
     parser.add_argument("--size", type=int, default=None, help="slide width and height in px (default 12288)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="draw each slide's width and height from these px sizes")
     parser.add_argument("--no-jpeg", action="store_true", help="encode uncompressed renders (not like the TIFF)")
     args = parser.parse_args(argv)
     from training.synthetic import SyntheticConfig
@@ -381,6 +415,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{done}/{total}] {slide_id}  {elapsed:.0f} s", file=sys.stderr, flush=True)
 
     split_dir = build_synthetic_corpus(args.out, args.split, args.count, seed0=args.seed0, encoder=args.encoder,
-                                       config=config, jpeg=not args.no_jpeg, progress=progress)
+                                       config=config, sizes=args.sizes, jpeg=not args.no_jpeg, progress=progress)
     print(split_dir)
     return 0

@@ -34,7 +34,9 @@ class DemoPlan:
     """Sizes of one demo run (the full one reproduces the shipped weights)."""
     train_slides: int = 128
     test_slides: int = 64  # the retrieval target is R@1 among 64 slides
-    slide_size: int = 8192  # level-0 px; 32 x 32 patches of 256 px (the bundled demo slide is 12,288)
+    # level-0 px; each slide's width and height are drawn from these (8192: 32 x 32 patches of 256 px; the bundled
+    # demo slide is 8,192)
+    slide_sizes: tuple[int, ...] = (8192,)
     align_steps: int = 500
     # the chat's full-parameter phase: on the demo corpus, test VQA 0.28 after 700 steps (+150 LoRA), 0.46 after
     # 1200 (+10 LoRA); the LLM learns to read the visual tokens late, so the chat's time goes there
@@ -44,16 +46,20 @@ class DemoPlan:
     eval_slides: int | None = None  # None: the whole test split
 
 
-QUICK = DemoPlan(train_slides=8, test_slides=4, slide_size=3072, align_steps=3, pretrain_steps=4, lora_steps=3,
-                 patch_head_steps=3)
+QUICK = DemoPlan(train_slides=8, test_slides=4, slide_sizes=(3072,), align_steps=3, pretrain_steps=4,
+                 lora_steps=3, patch_head_steps=3)
+# `--full`: the shipped weights. Four times the slides, in four sizes and shapes (the demo slide's 8,192 px among
+# them), three times the alignment, patch-head and chat steps; about two hours on 2 CPU cores
+FULL = DemoPlan(train_slides=512, test_slides=64, slide_sizes=(6144, 8192, 10240, 12288), align_steps=1500,
+                pretrain_steps=3000, lora_steps=30, patch_head_steps=2000)
+RECIPES = {"demo": DemoPlan(), "full": FULL, "quick": QUICK}
 
 
 def _corpus_job(args) -> None:
     from training.data import build_synthetic_corpus
-    from training.synthetic import SyntheticConfig
 
-    out, split, seed0, count, size = args
-    build_synthetic_corpus(out, split, count, seed0=seed0, config=SyntheticConfig(width=size, height=size))
+    out, split, seed0, count, sizes = args
+    build_synthetic_corpus(out, split, count, seed0=seed0, sizes=sizes)
 
 
 def build_corpus(work: Path, plan: DemoPlan, processes: int = 2) -> None:
@@ -63,7 +69,7 @@ def build_corpus(work: Path, plan: DemoPlan, processes: int = 2) -> None:
     jobs = []
     for split, count in (("train", plan.train_slides), ("test", plan.test_slides)):
         step = -(-count // processes)
-        jobs += [(work / "corpus", split, s, min(step, count - s), plan.slide_size) for s in range(0, count, step)]
+        jobs += [(work / "corpus", split, s, min(step, count - s), plan.slide_sizes) for s in range(0, count, step)]
     # one BLAS/OpenMP thread per worker: two processes of two threads each on two cores run 3x slower
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     os.environ.update({k: "1" for k in saved})
@@ -92,6 +98,10 @@ def headline(alignment: dict, chat_metrics: dict) -> dict:
         out["vqa_accuracy_generate"] = chat_metrics["vqa_generate"]["accuracy"]
     out.update({f"caption_{k}": v for k, v in chat_metrics.get("captions", {}).items()
                 if k.startswith(("bleu", "rouge"))})
+    if "vqa_by_type" in chat_metrics and "Location" in chat_metrics["vqa_by_type"]:
+        out["vqa_where_accuracy"] = chat_metrics["vqa_by_type"]["Location"]["accuracy"]
+    if "caption_places" in chat_metrics:
+        out["caption_place_recall"] = chat_metrics["caption_places"]["recall"]
     return out
 
 
@@ -114,7 +124,7 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
         seconds[name] = round(now - sum(seconds.values()) - started, 1)
         log(f"demo: {name} done in {seconds[name]:.0f} s")
 
-    log(f"demo: corpus ({plan.train_slides} train + {plan.test_slides} test slides of {plan.slide_size} px)")
+    log(f"demo: corpus ({plan.train_slides} train + {plan.test_slides} test slides of {plan.slide_sizes} px)")
     build_corpus(work, plan)
     stage("corpus")
 
@@ -135,7 +145,8 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
 
     # in place: the head is added, every other tensor is written back unchanged (float16 -> float16)
     train_patch_head(pathflip, [corpus / "train" / "features"], [corpus / "train" / "captions.csv"],
-                     config=PatchHeadConfig(steps=plan.patch_head_steps, device=device), log=log)
+                     config=PatchHeadConfig(steps=plan.patch_head_steps, device=device),
+                     facts=[corpus / "train" / "facts.json"], log=log)
     stage("patch_head")
 
     cfg = instruct.load_config(
@@ -153,7 +164,10 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
     chat_metrics = instruct.evaluate_chat(chat, pathflip, corpus / "test", out_dir=work / "eval", device=device,
                                           max_slides=plan.eval_slides)
     stage("evaluate")
-    result = {"headline": headline(alignment, chat_metrics), "plan": asdict(plan), "device": device, "seconds": seconds,
+    recipe = next((name for name, known in RECIPES.items() if known == plan), "custom")
+    flag = {"demo": "", "full": " --full", "quick": " --quick"}.get(recipe, " (custom plan)")
+    result = {"headline": headline(alignment, chat_metrics), "recipe": recipe, "plan": asdict(plan),
+              "command": f"python -m training demo{flag}", "device": device, "seconds": seconds,
               "total_minutes": round(sum(seconds.values()) / 60, 1), "alignment": alignment,
               "chat": {k: v for k, v in chat_metrics.items() if not k.endswith("_predictions")}}
     (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -165,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "sample_data" / "weights"),
                         help="where pathflip/, chat/ and metrics.json go (default: the bundled sample_data/weights)")
     parser.add_argument("--work", default=str(REPO / "runs" / "demo"), help="corpus, checkpoints and logs")
-    parser.add_argument("--quick", action="store_true", help="tiny slides and a few steps (the test suite's run)")
+    recipe = parser.add_mutually_exclusive_group()
+    recipe.add_argument("--full", action="store_true",
+                        help="the shipped weights: 512 slides of four sizes, longer training (about 2 h on 2 cores)")
+    recipe.add_argument("--quick", action="store_true", help="tiny slides and a few steps (the test suite's run)")
     parser.add_argument("--device", default="cpu", help="cpu (the documented run) or cuda")
     args = parser.parse_args(argv)
     if Path(args.out).resolve() == Path(args.work).resolve():
         raise PathflipError("--out and --work must be different folders")
-    result = run_demo(args.out, args.work, QUICK if args.quick else DemoPlan(), args.device)
+    plan = RECIPES["quick" if args.quick else "full" if args.full else "demo"]
+    result = run_demo(args.out, args.work, plan, args.device)
     json.dump({"headline": result["headline"], "seconds": result["seconds"],
                "total_minutes": result["total_minutes"]}, sys.stdout, indent=1)
     sys.stdout.write("\n")

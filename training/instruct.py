@@ -52,11 +52,14 @@ from napari_pathflip.chat import (
     ChatEngine,
     GenerationSettings,
     TokenizedConversation,
+    VisualProjector,
     build_training_example,
     cap_visual_tokens,
     collate_training_examples,
     format_choice_prompt,
+    projector_slots,
     splice_visual,
+    visual_tensor,
 )
 from napari_pathflip.errors import PathflipError
 from training import metrics
@@ -85,6 +88,7 @@ class InstructConfig:
     out: str = "instruct_run"
     chat_out: str = ""  # chat folder ("" = <out>/chat)
     save_llm: bool = True  # copy the base LLM into chat/llm (false: load with --llm DIR)
+    save_dtype: str = "float32"  # "float16" halves the saved LLM and adapter (the demo chat; evaluation loads it)
     # --- optional first phase (tiny LLM only)
     pretrain: str = "none"  # one of PRETRAIN_MODES (module docstring)
     pretrain_steps: int = 0
@@ -129,6 +133,8 @@ class InstructConfig:
         if self.pretrain != "none" and self.llm:
             raise PathflipError("instruct config: the full-parameter pretrain phase is for the tiny demo LLM only "
                                 "(llm = \"\"); a real LLM is tuned with LoRA alone")
+        if self.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise PathflipError("instruct config: save_dtype must be float32, float16 or bfloat16")
         if self.projector_init not in ("standardize", "default"):
             raise PathflipError("instruct config: projector_init must be \"standardize\" or \"default\"")
         if min(self.steps, self.batch_size, self.grad_accum) < 1 or self.pretrain_steps < 0:
@@ -172,10 +178,12 @@ def _weights_key(weights: Path) -> str:
 
 
 def encode_slides(model, features_dir: str | Path, slide_ids, patch_size_level0: int = 0,
-                  cache: str | Path | None = None, cache_key: str = "") -> dict[str, torch.Tensor]:
-    """[1 + N, d] float32 visual rows (slide embedding, then region embeddings) of every slide, from
+                  cache: str | Path | None = None, cache_key: str = "",
+                  layout: str = "regions") -> dict[str, torch.Tensor]:
+    """[T, d] float32 visual rows of every slide in the chat's `layout` (napari_pathflip.chat.visual_tensor), from
     `features_dir/<slide_id>.h5` through `model.encode_slide`; `cache` (a safetensors file) keeps them between runs
-    and is reused only when it was written for the same `cache_key`."""
+    and is reused only when it was written for the same `cache_key` and layout."""
+    cache_key = f"{cache_key}:{layout}"
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -196,7 +204,7 @@ def encode_slides(model, features_dir: str | Path, slide_ids, patch_size_level0:
         fs = read_h5(features_dir / f"{slide_id}.h5", region_patches=model.config.region_patches,
                      patch_size_level0=patch_size_level0 or None)
         encoding = model.encode_slide(fs.features, fs.coords, fs.patch_size_level0, keep_features=False)
-        rows[slide_id] = torch.cat([encoding.slide_embedding[None], encoding.region_embeddings]).float().cpu()
+        rows[slide_id] = visual_tensor(encoding, layout).cpu()
     if cache is not None and missing:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in rows.items()}, str(cache), metadata={"key": cache_key})
@@ -434,14 +442,17 @@ def run_phase(phase: Phase, llm, projector, tokenizer, examples: list[TokenizedC
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def standardized_projector(rows: torch.Tensor, hidden: int, scale: float) -> nn.Linear:
-    """Linear(d -> hidden) = random map (entries N(0, scale^2 / d)) of the per-dimension standardised rows [R, d]."""
+def standardized_projector(rows: torch.Tensor, hidden: int, scale: float, slots: int = 0) -> VisualProjector:
+    """Linear(d -> hidden) = random map (entries N(0, scale^2 / d)) of the per-dimension standardised rows [R, d];
+    slot embeddings (if any) N(0, scale^2), so the slots are told apart from the first step."""
     mean, std = rows.mean(0), rows.std(0).clamp(min=1e-6)
-    projector = nn.Linear(rows.shape[1], hidden)
+    projector = VisualProjector(rows.shape[1], hidden, slots)
     with torch.no_grad():
         weight = torch.randn(hidden, rows.shape[1]) * (scale / math.sqrt(rows.shape[1])) / std
         projector.weight.copy_(weight)
         projector.bias.copy_(-weight @ mean)
+        if slots:
+            projector.slots.copy_(torch.randn(slots, hidden) * scale)
     return projector
 
 
@@ -489,10 +500,12 @@ def train(cfg: InstructConfig) -> Path:
     chat = ChatConfig(**{**cfg.chat, "visual_dim": pathflip.config.embed_dim})
     started = time.perf_counter()
     rows = encode_slides(pathflip, cfg.path(cfg.features), [r.slide_id for r in records], cfg.patch_size_level0,
-                         cfg.run_dir / VISUAL_CACHE, f"{_weights_key(weights)}:{cfg.path(cfg.features)}")
+                         cfg.run_dir / VISUAL_CACHE, f"{_weights_key(weights)}:{cfg.path(cfg.features)}",
+                         chat.visual_layout)
     del pathflip
     log(event="encoded", slides=len(rows), seconds=round(time.perf_counter() - started, 1))
-    visual = {k: cap_visual_tokens(v, chat.max_visual_tokens, chat.pooling)[0] for k, v in rows.items()}
+    visual = {k: cap_visual_tokens(v, chat.max_visual_tokens, chat.pooling, chat.leading_tokens)[0]
+              for k, v in rows.items()}
 
     torch.manual_seed(cfg.seed)
     llm, tokenizer = _load_llm(cfg, records, chat)
@@ -500,9 +513,9 @@ def train(cfg: InstructConfig) -> Path:
     embedding = llm.get_input_embeddings()
     if cfg.projector_init == "standardize":
         projector = standardized_projector(torch.cat(list(visual.values())), embedding.embedding_dim,
-                                           float(embedding.weight.detach().float().std()))
+                                           float(embedding.weight.detach().float().std()), projector_slots(chat))
     else:
-        projector = nn.Linear(chat.visual_dim, embedding.embedding_dim)
+        projector = VisualProjector(chat.visual_dim, embedding.embedding_dim, projector_slots(chat))
     projector.to(device)
     conversations = [record_turns(r, chat) for r in records]
     visuals = [visual[r.slide_id] for r in records]
@@ -532,8 +545,8 @@ def train(cfg: InstructConfig) -> Path:
     peft_llm = get_peft_model(llm, lora)
     run_phase(Phase("lora", cfg.steps, cfg.lr, True), peft_llm, projector, tokenizer, examples, visuals, cfg,
               device, log)
-    folder = ChatEngine(peft_llm.eval(), tokenizer, chat, projector.eval()).save(cfg.chat_dir,
-                                                                                 include_llm=cfg.save_llm)
+    folder = ChatEngine(peft_llm.eval(), tokenizer, chat, projector.eval()).save(
+        cfg.chat_dir, include_llm=cfg.save_llm, dtype=getattr(torch, cfg.save_dtype))
     log(event="saved", chat=str(folder), seconds=round(time.perf_counter() - started, 1))
     return folder
 
@@ -579,7 +592,8 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
     captions = [c for c in captions if c.slide_id in keep]
     pathflip = PathFLIP.from_pretrained(weights_dir, device=dev)
     started = time.perf_counter()
-    rows = encode_slides(pathflip, features_dir or split_dir / "features", slides, patch_size_level0)
+    rows = encode_slides(pathflip, features_dir or split_dir / "features", slides, patch_size_level0,
+                         layout=engine.config.visual_layout)
     encode_s = time.perf_counter() - started
     caption_settings = GenerationSettings(**{**asdict(engine.config.generation), "do_sample": False,
                                              "max_new_tokens": caption_tokens})
@@ -603,15 +617,37 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
         responses = dict(vqa_rows)
         result["vqa"] = metrics.vqa_accuracy([responses[q.id] for q in questions], [q.answer for q in questions],
                                              [q.category for q in questions])
+        # by question type (SlideBench's Narrow Category; the synthetic "where is ..." questions are "Location")
+        result["vqa_by_type"] = metrics.vqa_accuracy([responses[q.id] for q in questions],
+                                                     [q.answer for q in questions],
+                                                     [q.subcategory for q in questions])["by_category"]
         result["vqa_predictions"] = str(_write_predictions(out_dir / "vqa_predictions.csv", vqa_rows))
         if generated:
             result["vqa_generate"] = metrics.vqa_accuracy(generated, [q.answer for q in questions],
                                                           [q.category for q in questions])
     if captions:
         result["captions"] = metrics.caption_metrics([t for _, t in caption_rows], [c.turns[0][1] for c in captions])
+        truth = [split_dir / "truth" / f"{c.slide_id}.npz" for c in captions]
+        if all(t.is_file() for t in truth):
+            result["caption_places"] = caption_place_metrics([t for _, t in caption_rows], truth)
         result["caption_predictions"] = str(_write_predictions(out_dir / "caption_predictions.csv", caption_rows))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def caption_place_metrics(predictions: list[str], truth_files: list[Path]) -> dict:
+    """Synthetic slides: how many of the places of their tumour nests, fat lobules, glands and lymphoid aggregates
+    the generated captions name (training.synthetic.caption_places), and how many places they name wrongly."""
+    from training.synthetic import Layout, caption_places, layout_places
+
+    wanted = named = wrong = 0
+    for text, path in zip(predictions, truth_files):
+        with np.load(path, allow_pickle=False) as truth:
+            places = layout_places(Layout.from_key(str(truth["layout"])))
+        stated = caption_places(text)
+        wanted, named, wrong = wanted + len(places), named + len(places & stated), wrong + len(stated - places)
+    return {"places": wanted, "named": named, "recall": named / wanted if wanted else None, "wrong": wrong,
+            "precision": named / (named + wrong) if named + wrong else None}
 
 
 # -------------------------------------------------------------------------------------------------------- CLI

@@ -25,11 +25,28 @@ from training.sources import read_caption_csv
 # the phrase typed in the viewer for each synthetic finding
 PHRASES = {"tumour": "tumour", "necrosis": "necrosis", "lymphocytes": "lymphocytes", "stroma": "fibrous stroma",
            "fat": "fat", "normal_glands": "normal glands"}
-# zero-shot presence tasks: (finding whose presence is the label, [absent prompt, present prompt])
+# Other wordings of each finding, held out from training: none of them is a caption sentence, a fact phrase or
+# one of its variants (training.synthetic.fact_phrases, training.text.phrase_variants; tests/test_synth_eval.py
+# checks). Synonyms, spelling, number, articles and "areas/foci of" combined in ways training never saw.
+PARAPHRASES = {
+    "tumour": ["islands of tumor", "a nest of tumor cells", "neoplastic cells", "malignant epithelium", "cancer cells"],
+    "necrosis": ["areas of necrotic tissue", "tumour necrosis", "foci of tumor necrosis", "necrotic areas",
+                 "dead tumour cells"],
+    "lymphocytes": ["lymphoid cells", "a lymphocytic infiltrate", "small lymphocytes", "lymphocyte infiltration"],
+    "fat": ["adipocytes", "fatty tissue", "mature fat cells", "fat cells", "lipomatous tissue"],
+    "normal_glands": ["non-neoplastic glands", "normal glandular tissue", "a benign gland structure",
+                      "unremarkable glands"],
+    "stroma": ["fibrous tissue", "desmoplastic stroma", "connective tissue", "collagen fibres"],
+}
+# zero-shot presence of each finding: a prompt ensemble (several phrasings) per finding, scored by
+# PathFLIP.presence (calibrated evidence; >= 0.5 = present)
 ZERO_SHOT = {
-    "tumour": ("tumour", ["No tumour is identified in the section.", "A tumour nest is present in the section."]),
-    "necrosis": ("necrosis", ["A tumour nest of viable tumour cells.", "Central necrosis is present within the tumour."]),
-    "fat": ("fat", ["No fat is seen in the section.", "Adipose tissue is seen in the section."]),
+    "tumour": ["tumour", "tumour nest", "nest of tumour cells", "carcinoma"],
+    "necrosis": ["necrosis", "central necrosis", "necrotic debris"],
+    "fat": ["fat", "adipose tissue", "fat lobules"],
+    "lymphocytes": ["lymphocytes", "lymphoid aggregate", "band of lymphocytes"],
+    "normal_glands": ["normal glands", "benign glands"],
+    "stroma": ["fibrous stroma", "collagenous stroma"],
 }
 
 
@@ -98,31 +115,39 @@ def evaluate_alignment(weights: str | Path, split_dir: str | Path, device: str =
     slides = torch.stack([e.slide_embedding for e in encodings]).numpy()
     with torch.inference_mode():
         texts = model.encode_text(captions).cpu().numpy()
+    # retrieval as the product ranks (PathFLIP.retrieval_scores: sentence evidence + global), and the paper's
+    # slide-embedding cosine alone for comparison
     out = {"weights": str(weights), "split": str(split_dir), "n_slides": len(ids),
-           "retrieval": metrics.retrieval_recall(metrics.cosine_similarity(slides, texts))}
+           "retrieval": metrics.retrieval_recall(model.retrieval_scores(encodings, captions).T),
+           "retrieval_global": metrics.retrieval_recall(metrics.cosine_similarity(slides, texts))}
     if not all(t is not None for t in truths):
         return out
 
     zero_shot = {}
-    for task, (finding, prompts) in ZERO_SHOT.items():
+    for finding, prompts in ZERO_SHOT.items():
         labels = np.array([int(finding in t.names) for t in truths])
-        probs = model.classify(torch.from_numpy(slides), prompts).cpu().numpy()
-        zero_shot[task] = {"prompts": prompts, "positives": int(labels.sum()),
-                           **metrics.zero_shot_metrics(probs, labels)}
+        present = np.array([model.presence(e, {finding: prompts})[finding] for e in encodings])
+        zero_shot[finding] = {"prompts": prompts, "positives": int(labels.sum()),
+                              **metrics.zero_shot_metrics(np.stack([1 - present, present], 1), labels)}
     out["zero_shot"] = zero_shot
 
     # grounding as the viewer does it (the patch-text head when the weights have one), and with the paper's eq. 5
     # attention alone for comparison
+    # attention alone for comparison; the held-out paraphrases as the viewer grounds them
     methods = {"": "auto", "_attention": "attention"} if model.patch_head is not None else {"": "auto"}
+    queries = {"sentence": lambda name, sentence: [sentence], "phrase": lambda name, sentence: [PHRASES[name]],
+               "paraphrase": lambda name, sentence: PARAPHRASES[name]}
     for suffix, method in methods.items():
-        for kind in ("sentence", "phrase"):
+        for kind, texts_of in queries.items():
+            if kind == "paraphrase" and suffix:
+                continue
             rows = {"region_scores": [], "region_truth": [], "patch_scores": [], "patch_truth": []}
             for encoding, truth in zip(encodings, truths):
                 for name, sentence, mask in zip(truth.names, truth.sentences, truth.masks):
-                    text = sentence if kind == "sentence" else PHRASES.get(name, name)
-                    r, rt, p, pt = _grounding_rows(model, encoding, truth, text, mask, method)
-                    for key, value in zip(rows, (r, rt, p, pt)):
-                        rows[key].append(value)
+                    for text in texts_of(name, sentence):
+                        r, rt, p, pt = _grounding_rows(model, encoding, truth, text, mask, method)
+                        for key, value in zip(rows, (r, rt, p, pt)):
+                            rows[key].append(value)
             out[f"grounding_{kind}{suffix}"] = metrics.grounding_metrics(**rows)
     return out
 
@@ -131,8 +156,10 @@ def summary(result: dict) -> dict:
     """The headline numbers of `evaluate_alignment` (the README table and the demo's targets)."""
     line = {"retrieval_text_to_slide_R@1": result["retrieval"]["text_to_slide"]["R@1"],
             "retrieval_slide_to_text_R@1": result["retrieval"]["slide_to_text"]["R@1"]}
+    if "retrieval_global" in result:
+        line["retrieval_text_to_slide_R@1_global"] = result["retrieval_global"]["text_to_slide"]["R@1"]
     for suffix in ("", "_attention"):
-        for kind in ("sentence", "phrase"):
+        for kind in ("sentence", "phrase", "paraphrase"):
             g = result.get(f"grounding_{kind}{suffix}")
             if g:
                 line[f"region_pointing_{kind}{suffix}"] = g["region"]["pointing_game"]
@@ -141,4 +168,5 @@ def summary(result: dict) -> dict:
                 line[f"patch_auroc_{kind}{suffix}"] = g["patch"]["auroc_mean"]
     for task, z in result.get("zero_shot", {}).items():
         line[f"zero_shot_{task}_accuracy"] = z["accuracy"]
+        line[f"zero_shot_{task}_auroc"] = z["auc_macro"]
     return line

@@ -385,10 +385,18 @@ class Layout:
     aggregate: int = -1
     fat: int = -1
     glands: int = -1
+    # what the section is made of around the findings: "stroma" (fibrous stroma) or "fat" (adipose tissue, e.g. a
+    # breast or soft-tissue section); "fat" sections name no stroma, so "stroma" has slides to be told apart from
+    tissue: str = "stroma"
 
     def key(self) -> str:
         return json.dumps([list(self.tumour), self.size, self.necrosis, self.lymphocytes, self.aggregate, self.fat,
-                           self.glands])
+                           self.glands, self.tissue])
+
+    @classmethod
+    def from_key(cls, key: str) -> "Layout":
+        tumour, size, necrosis, lymphocytes, aggregate, fat, glands, tissue = json.loads(key)
+        return cls(tuple(tumour), size, necrosis, lymphocytes, aggregate, fat, glands, tissue)
 
     def split(self) -> str:
         """The split this layout belongs to, by a stable hash of its content (never Python's salted hash)."""
@@ -404,12 +412,14 @@ def _sample_layout(rng: np.random.Generator) -> Layout:
     def pick(candidates):
         return int(candidates[rng.integers(len(candidates))]) if candidates else -1
 
+    tissue = "fat" if rng.random() < FAT_TISSUE_FRACTION else "stroma"
     tumour: tuple[int, ...] = ()
     if rng.random() < 0.88:
         first = int(rng.integers(9))
         tumour = (first,)
         if rng.random() < 0.25:
-            tumour = tuple(sorted((first, pick([p for p in range(9) if _cell_distance(p, first) >= 2.0]))))
+            second = pick([p for p in range(9) if _cell_distance(p, first) >= 2.0])
+            tumour = tuple(sorted((first, second))) if second >= 0 else tumour  # no far place: one nest
     taken = set(tumour)
 
     def free(min_distance: float, peripheral: bool = False) -> list[int]:
@@ -424,14 +434,15 @@ def _sample_layout(rng: np.random.Generator) -> Layout:
     aggregate = pick(free(1.0)) if lymph == "aggregate" else -1
     lymph = "none" if lymph == "aggregate" and aggregate < 0 else lymph
     taken.add(aggregate)
-    fat = pick(free(1.0, peripheral=True)) if rng.random() < 0.6 else -1
+    fat = pick(free(1.0, peripheral=True)) if rng.random() < 0.6 and tissue == "stroma" else -1
     taken.add(fat)
     glands = -1
     if rng.random() < (0.6 if tumour else 1.0):
         glands = pick(free(1.4) or free(1.0))
-    return Layout(tumour, size, necrosis, lymph, aggregate, fat, glands)
+    return Layout(tumour, size, necrosis, lymph, aggregate, fat, glands, tissue)
 
 
+FAT_TISSUE_FRACTION = 0.2  # sections of adipose tissue instead of fibrous stroma
 _SEQUENCES: dict[str, list[Layout]] = {split: [] for split in SPLITS}
 _DISTINCT_WINDOW = 256
 
@@ -497,7 +508,7 @@ def _draw_labels(layout: Layout, config: SyntheticConfig, rng: np.random.Generat
     rx, ry = 0.43 * cv.sx * rng.uniform(0.97, 1.03), 0.43 * cv.sy * rng.uniform(0.97, 1.03)
     qx, qy = (du / rx) ** 2, (dv / ry) ** 2
     tissue = qx * qx + qy * qy + 0.25 * cv.coarse < 1.0  # irregular rounded-square section
-    labels = np.where(tissue, STROMA, BACKGROUND).astype(np.uint8)
+    labels = np.where(tissue, STROMA if layout.tissue == "stroma" else FAT, BACKGROUND).astype(np.uint8)
 
     def paint(mask, cls):
         labels[mask & tissue] = cls
@@ -626,7 +637,13 @@ def _sentences(layout: Layout, rng) -> list[tuple[str, str, tuple[int, ...]]]:
         out.append(("lymphocytes", _choose(rng, [f"A lymphoid aggregate is present in {where}.",
                                                   f"A dense cluster of lymphocytes lies in {where}.",
                                                   f"Lymphocytes form an aggregate in {where}."]), (LYMPHOCYTES,)))
-    if nests:
+    if layout.tissue == "fat":
+        out.append(("fat", _choose(rng, [f"The {nest} {'lie' if nests == 2 else 'lies'} in mature adipose tissue.",
+                                          f"Adipose tissue surrounds the {nest}.",
+                                          f"The {nest} {'are' if nests == 2 else 'is'} embedded in fat."] if nests else
+                                    ["The section consists mainly of adipose tissue.",
+                                     "Mature fat forms the background of the section."]), (FAT,)))
+    elif nests:
         out.append(("stroma", _choose(rng, [f"Fibrous stroma surrounds the {nest}.",
                                              f"The {nest} {'are' if nests == 2 else 'is'} embedded in fibrous stroma.",
                                              f"Collagenous stroma separates the {nest} from the surrounding tissue."]),
@@ -646,6 +663,94 @@ def _sentences(layout: Layout, rng) -> list[tuple[str, str, tuple[int, ...]]]:
                                                     f"{where[0].upper()}{where[1:]} contains normal glands."]),
                     (NORMAL_GLANDS,)))
     return out
+
+
+def sentence_facts(layout: Layout, name: str) -> list[str]:
+    """What the caption sentence about finding `name` asserts, as facts ("tumour@upper left", "necrosis", ...):
+    paraphrases share facts, and a sentence is true of a slide when its facts are among the slide's (slide_facts).
+    Sizes are left out: a sentence names the nest's place, which the grounding can check."""
+    if name == "tumour":
+        return [f"tumour@{POSITIONS[p]}" for p in layout.tumour]
+    if name == "lymphocytes":
+        return ["lymphocytes@edge"] if layout.lymphocytes == "edge" else \
+            [f"lymphoid aggregate@{POSITIONS[layout.aggregate]}"]
+    if name == "fat":
+        return ["fat tissue"] if layout.tissue == "fat" else [f"fat@{POSITIONS[layout.fat]}"]
+    if name == "normal_glands":
+        return [f"normal glands@{POSITIONS[layout.glands]}"]
+    return [name.replace("_", " ")]  # no_tumour, necrosis, stroma: true of the whole section
+
+
+def slide_facts(layout: Layout, names: list[str]) -> list[str]:
+    """Every fact true of a slide with this layout whose caption names `names`: its sentences' facts, fat in every
+    part of a section made of fat, and each finding without its place ("tumour", "fat", ...: fact_phrases)."""
+    facts = {fact for name in names for fact in sentence_facts(layout, name)}
+    if layout.tissue == "fat":
+        facts.update(f"fat@{position}" for position in POSITIONS)
+    facts.update({fact.split("@")[0].replace("fat tissue", "fat") for fact in facts} - {"no tumour"})
+    if layout.lymphocytes != "none":
+        facts.add("lymphocytes")
+    return sorted(facts)
+
+
+# each finding fact and the names the caption templates (_sentences) give it
+FINDING_NAMES = {"tumour": ("tumour", "tumour nest", "nest of tumour cells", "carcinoma"),
+                 "necrosis": ("necrosis", "central necrosis", "necrotic debris"),
+                 "lymphocytes": ("lymphocytes", "band of lymphocytes"),
+                 "lymphoid aggregate": ("lymphoid aggregate", "cluster of lymphocytes"),
+                 "fat": ("fat", "adipose tissue", "fat lobules", "mature fat"),
+                 "normal glands": ("normal glands", "benign glands"),
+                 "stroma": ("stroma", "fibrous stroma", "collagenous stroma")}
+
+
+def fact_phrases() -> dict[str, list[str]]:
+    """Short phrases in the captions' own words, with the facts they assert: each finding by every name the
+    templates give it ("necrotic debris", "benign glands") and each placed one ("fat in the lower left part"). The
+    patch-head stage learns from them beside the caption sentences, so a typed finding is not a stranger to it;
+    other wordings (synonyms the templates never use) are held out for evaluation (training.synth_eval)."""
+    phrases = {name: [fact] for fact, names in FINDING_NAMES.items() for name in names}
+    for fact in ("tumour", "fat", "normal glands", "lymphoid aggregate"):
+        phrases.update({f"{fact} in the {place} part": [f"{fact}@{place}"] for place in POSITIONS})
+    return phrases
+
+
+# words that name a finding in a caption sentence (the synthetic captions' own vocabulary)
+_FINDING_WORDS = {"tumour": ("tumour", "tumor", "carcinoma"), "necrosis": ("necrosis", "necrotic"),
+                  "fat": ("fat", "adipose"),
+                  "normal glands": ("gland",), "lymphoid aggregate": ("lymphoid aggregate", "aggregate",
+                                                                      "cluster of lymphocytes")}
+
+
+def caption_places(caption: str) -> set[str]:
+    """The "finding@place" facts a caption states (as sentence_facts spells them): in each sentence, the finding
+    named first and every place of POSITIONS it names. How a generated caption is checked for *where*."""
+    from napari_pathflip.text import split_sentences
+
+    facts = set()
+    for sentence in split_sentences(caption):
+        text = sentence.lower()
+        found = [(text.find(w), name) for name, words in _FINDING_WORDS.items() for w in words if w in text]
+        if not found:
+            continue
+        name = min(found)[1]
+        if name == "necrosis":  # at the tumour's centre: "central" there is no place of the section
+            continue
+        rest = text
+        for place in sorted(POSITIONS, key=len, reverse=True):  # "upper left" before "left"
+            if place in rest:
+                facts.add(f"{name}@{place}")
+                rest = rest.replace(place, "")
+    return facts
+
+
+def layout_places(layout: Layout) -> set[str]:
+    """The "finding@place" facts of a layout a caption should state: every tumour nest, fat lobule, gland group and
+    lymphoid aggregate with its place."""
+    places = {f"tumour@{POSITIONS[p]}" for p in layout.tumour}
+    for name, p in (("fat", layout.fat), ("normal glands", layout.glands), ("lymphoid aggregate", layout.aggregate)):
+        if p >= 0:
+            places.add(f"{name}@{POSITIONS[p]}")
+    return places
 
 
 def _mcq(rng, question: str, correct: str, distractors: list[str]) -> Question:
@@ -675,16 +780,18 @@ def _questions(layout: Layout, rng) -> list[Question]:
         centre = "Necrosis" if layout.necrosis else "Viable tumour cells"
         pool.append(_mcq(rng, "What is seen in the centre of the tumour?", centre,
                          [c for c in ["Necrosis", "Viable tumour cells", "Fat", "Normal glands"] if c != centre]))
-        edge = "A band of lymphocytes" if layout.lymphocytes == "edge" else "Fibrous stroma without lymphocytes"
+        stroma = layout.tissue == "stroma"
+        plain = "Fibrous stroma without lymphocytes" if stroma else "Adipose tissue without lymphocytes"
+        edge = "A band of lymphocytes" if layout.lymphocytes == "edge" else plain
         pool.append(_mcq(rng, "What lies at the edge of the tumour?", edge,
-                         [c for c in ["A band of lymphocytes", "Fibrous stroma without lymphocytes", "Fat lobules",
-                                      "Necrotic debris"] if c != edge]))
+                         [c for c in ["A band of lymphocytes", "Fibrous stroma without lymphocytes",
+                                      "Fat lobules" if stroma else "Normal glands", "Necrotic debris"] if c != edge]))
     for name, p in (("fat", layout.fat), ("normal glands", layout.glands), ("lymphoid aggregate", layout.aggregate)):
         if p >= 0:
             opts = places(p)
             verb = "is the" if name != "normal glands" else "are the"
             pool.append(_mcq(rng, f"Where {verb} {name} located?", opts[0], opts[1:]))
-    present = {"Tumour": nests > 0, "Necrosis": layout.necrosis, "Fat": layout.fat >= 0,
+    present = {"Tumour": nests > 0, "Necrosis": layout.necrosis, "Fat": layout.fat >= 0 or layout.tissue == "fat",
                "Normal glands": layout.glands >= 0, "A lymphoid aggregate": layout.aggregate >= 0,
                "Lymphocytes at the tumour edge": layout.lymphocytes == "edge"}
     yes = [k for k, v in present.items() if v]
@@ -768,7 +875,9 @@ DEMO_SEED = 7
 def demo_spec() -> SlideSpec:
     """The bundled demo slide: a large tumour nest with central necrosis and lymphocytes at its edge, stroma, fat
     and normal glands (not part of any split)."""
-    config = SyntheticConfig(jpeg_quality=70)  # keeps the bundled files under 25 MB
+    # 8,192 px (4 mm at 0.5 um/px, 16 x 16 regions of the demo weights): 9.6 MB at JPEG quality 70, so the bundled
+    # sample data (slide + weights) stays under 40 MB
+    config = SyntheticConfig(width=8192, height=8192, jpeg_quality=70)
     return _build_spec(DEMO_LAYOUT, DEMO_SEED, "demo", config, np.random.default_rng([99, DEMO_SEED]))
 
 
