@@ -31,7 +31,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PATHFLIP_CACHE", Path.home() / ".cache" / "pathflip"))
 
 
-def _weights_id(directory: Path) -> str:
+def weights_id(directory: Path) -> str:
+    """Identity of a weights folder (file sizes and times): names cached encodings and a library's weights."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
         path = directory / name
@@ -41,29 +42,40 @@ def _weights_id(directory: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def load_model(weights: Path, allow_pickle: bool = False):
+    """The PathFLIP in a weights folder, in eval mode; a PathflipError saying what to do when there is none."""
+    from .model import PathFLIP
+
+    if not (weights / "config.json").is_file():
+        raise PathflipError(
+            f"no PathFLIP weights in {weights}: put a folder with config.json + model.safetensors there "
+            f"(a trained PathFLIP saved with save_pretrained), or pass --weights DIR / set ${WEIGHTS_ENV}."
+        )
+    return PathFLIP.from_pretrained(weights, allow_pickle=allow_pickle).eval()
+
+
+def recorded_encoder(weights: Path) -> str:
+    """The patch encoder the weights were trained on (their encoder.json; "builtin" when there is none)."""
+    recorded = weights / ENCODER_FILE
+    return json.loads(recorded.read_text())["encoder"] if recorded.is_file() else "builtin"
+
+
 class SlideAnalysis:
     """A slide with its PathFLIP weights: extracts and encodes once, then answers text queries from the cache."""
 
     def __init__(self, slide_path: str | os.PathLike, weights: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, encoder: str | None = None, device: str = "auto",
-                 mpp: float | None = None, allow_pickle: bool = False):
-        from .model import PathFLIP
-
+                 mpp: float | None = None, allow_pickle: bool = False, model=None):
+        """`model`: the PathFLIP already loaded from `weights` (a slide library analyses many slides with one)."""
         self.slide_path = str(slide_path)
         self.weights = Path(weights) if weights else default_weights_dir()
-        if not (self.weights / "config.json").is_file():
-            raise PathflipError(
-                f"no PathFLIP weights in {self.weights}: put a folder with config.json + model.safetensors there "
-                f"(a trained PathFLIP saved with save_pretrained), or pass --weights DIR / set ${WEIGHTS_ENV}."
-            )
-        self.model = PathFLIP.from_pretrained(self.weights, allow_pickle=allow_pickle)
-        self.model.eval()
-        recorded = self.weights / ENCODER_FILE
-        self.encoder = encoder or (json.loads(recorded.read_text())["encoder"] if recorded.is_file() else "builtin")
+        self.model = model if model is not None else load_model(self.weights, allow_pickle)
+        self.encoder = encoder or recorded_encoder(self.weights)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.device, self.mpp = device, mpp
         self.features = None
         self.encoding = None
+        self.encoding_path: Path | None = None  # the cached encoding file, once prepared
 
     def prepare(self, progress=None, cancel=None):
         """Features (from the store when complete) and the slide encoding (from its cache file when present)."""
@@ -80,7 +92,7 @@ class SlideAnalysis:
                 f"{self.encoder!r} gives {self.features.features.shape[1]}-d; pick the encoder they were trained on."
             )
         store = self.features.path.parent if self.features.path else self.cache_dir
-        cached = store / f"encoding-{_weights_id(self.weights)}.npz"
+        cached = self.encoding_path = store / f"encoding-{weights_id(self.weights)}.npz"
         if cached.is_file():
             self.encoding = SlideEncoding.load(cached)
         else:
@@ -160,6 +172,12 @@ def ground_main(argv: list[str]) -> int:
 
 
 def classify_main(argv: list[str]) -> int:
+    from .library import is_library
+
+    if argv and is_library(argv[0]):  # `pathflip classify LIBRARY ...`: one CSV row per slide of the library
+        from .library import classify_main as classify_library
+
+        return classify_library(argv)
     parser = argparse.ArgumentParser(prog="pathflip classify", description="Zero-shot classification of a slide.")
     _common_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="one class prompt; repeat per class")

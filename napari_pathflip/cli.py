@@ -11,7 +11,10 @@ from .errors import PathflipError
 COMMANDS = {
     "extract": ("napari_pathflip.extraction", "extract patch features of slides into a feature store"),
     "ground": ("napari_pathflip.analysis:ground_main", "where on the slide is a finding (PNG / NPZ / GeoJSON)"),
-    "classify": ("napari_pathflip.analysis:classify_main", "zero-shot classification of a slide with text prompts"),
+    "classify": ("napari_pathflip.analysis:classify_main",
+                 "zero-shot classification of a slide, or of every slide of a library, with text prompts"),
+    "index": ("napari_pathflip.library:index_main", "index slides into a library (resumable, shardable)"),
+    "search": ("napari_pathflip.library:search_main", "rank a library's slides by a text or by a slide (--like)"),
     "chat": ("napari_pathflip.analysis:chat_main", "ask a question about a slide (streamed answer)"),
     "caption": ("napari_pathflip.analysis:caption_main", "describe a slide (streamed)"),
 }

@@ -239,6 +239,16 @@ class SlidePanel(QGroupBox):
         self._set_status(time.perf_counter() - self._started)
         self.analysis_changed.emit(analysis)
 
+    def adopt(self, analysis: SlideAnalysis, layer) -> None:
+        """Make an analysis prepared elsewhere (the Library panel opens hits from its cache) the analysed slide."""
+        self.cancel()
+        self.layer_box.setCurrentText(layer.name)
+        self.weights_edit.setText(str(analysis.weights))
+        self._extracted_now = False
+        self.analysis, self.analysed_layer = analysis, layer
+        self._set_status()
+        self.analysis_changed.emit(analysis)
+
     def _failed(self, exc: BaseException) -> None:
         notify_error(exc)
         self.status.setText(f"Analysis stopped: {exc}")

@@ -1,8 +1,9 @@
 """The PathFLIP workspace (opened by `napari -w napari-pathflip`, the manifest's first widget).
 
 It holds the slide panel (which slide, weights, encoder, device, Analyze) above Localize (type a finding, see the
-heatmap), and brings up the chat dock beside itself: napari opens only the first manifest widget, so the workspace
-adds the rest. One SlideAnalysis, made by the slide panel, feeds both Localize and the chat.
+heatmap), and brings up the chat and library docks beside itself: napari opens only the first manifest widget, so
+the workspace adds the rest. One SlideAnalysis, made by the slide panel (or opened from the library), feeds both
+Localize and the chat.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QDockWidget, QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .chat_dock import ChatDock
+from .library_panel import LibraryPanel
 from .localize import LocalizePanel
 from .slide_panel import SlidePanel
 
 CHAT_DOCK = "PathFLIP chat"
+LIBRARY_DOCK = "PathFLIP library"
 
 
 class Workspace(QWidget):
@@ -24,6 +27,7 @@ class Workspace(QWidget):
         self.slide = SlidePanel(napari_viewer)
         self.localize = LocalizePanel(napari_viewer)
         self.chat = ChatDock(napari_viewer)
+        self.library = LibraryPanel(napari_viewer, weights=self.slide.weights_edit.text)
         title = QLabel("<b>PathFLIP</b>: open a slide, press Analyze, then type a finding to see where it is.")
         title.setWordWrap(True)
 
@@ -42,10 +46,10 @@ class Workspace(QWidget):
         self.layout().setContentsMargins(0, 0, 0, 0)
 
         self.slide.analysis_changed.connect(self._analysis_changed)
-        self._chat_dock = None
-        # napari docks this widget only after constructing it: add the chat once the workspace's own dock exists,
-        # so that it can join it as a tab
-        QTimer.singleShot(0, self._add_chat_dock)
+        self.library.opened.connect(self._library_opened)
+        # napari docks this widget only after constructing it: add the chat and the library once the workspace's
+        # own dock exists, so that they can join it as tabs
+        QTimer.singleShot(0, self._add_docks)
 
     # kept for callers of the session-1 widget
     @property
@@ -56,18 +60,31 @@ class Workspace(QWidget):
     def open_demo(self):
         return self.slide.open_demo
 
-    def _add_chat_dock(self) -> None:
+    def _add_docks(self) -> None:
         window = getattr(self.viewer, "window", None)
         if window is None or not hasattr(window, "add_dock_widget") or CHAT_DOCK in window.dock_widgets:
-            return  # a headless ViewerModel (the chat widget still exists, undocked), or already docked
+            return  # a headless ViewerModel (the widgets still exist, undocked), or already docked
         own_dock = self.parentWidget()
         while own_dock is not None and not isinstance(own_dock, QDockWidget):
             own_dock = own_dock.parentWidget()
-        # a tab beside the workspace: each gets the full height of the right-hand side
-        self._chat_dock = window.add_dock_widget(self.chat, name=CHAT_DOCK, area="right", tabify=True)
+        # tabs beside the workspace: each gets the full height of the right-hand side
+        for name, widget in ((CHAT_DOCK, self.chat), (LIBRARY_DOCK, self.library)):
+            window.add_dock_widget(widget, name=name, area="right", tabify=True)
         if own_dock is not None:
             # the workspace tab in front (analysing comes first), once Qt has built the tab bar
             QTimer.singleShot(0, own_dock.raise_)
+
+    def _library_opened(self, analysis, layer, query: str) -> None:
+        """A library hit: the analysed slide; Localize shows the query's heatmap and zooms to its best region."""
+        if query:
+            def zoom(text: str, level: str) -> None:
+                if text == query:
+                    self.localize.heatmap_updated.disconnect(zoom)
+                    self.localize.zoom_to_box(0)  # Localize's top box: the hit's best region
+
+            self.localize.heatmap_updated.connect(zoom)
+            self.localize.query.setText(query)
+        self.slide.adopt(analysis, layer)
 
     def _analysis_changed(self, analysis) -> None:
         self.localize.set_analysis(analysis, self.slide.analysed_layer)
