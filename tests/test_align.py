@@ -211,3 +211,21 @@ def test_region_loss_leaves_out_another_slides_subcaption_that_is_true_here(monk
     loss = real(torch.ones(1, 2, 4), torch.ones(1, 2, 4), torch.tensor([[1.0, 0.0]]), torch.tensor(1.0))
     assert loss == pytest.approx(float(real(torch.ones(1, 1, 4), torch.ones(1, 1, 4), torch.tensor([[1.0]]),
                                             torch.tensor(1.0))))
+
+
+def test_a_frozen_minilm_tower_is_referenced_by_the_saved_weights(tmp_path):
+    """freeze_text from all-MiniLM-L6-v2: the weights folder names the installed package instead of holding a copy;
+    a tower that trains is saved with the rest."""
+    from napari_pathflip.model.modeling import TEXT_TOWER_PACKAGE, WEIGHTS_NAME
+
+    small = {"region_patches": 4, "max_patches_per_region": 16}
+    frozen = build_model(AlignConfig(init="bert", freeze_text=True, model=small), 8)
+    assert frozen.config.text_tower == TEXT_TOWER_PACKAGE
+    frozen.save_pretrained(tmp_path / "frozen")
+    trained = build_model(AlignConfig(init="bert", freeze_text=False, model=small), 8)
+    assert trained.config.text_tower == ""
+    trained.save_pretrained(tmp_path / "trained")
+    size = {name: (tmp_path / name / WEIGHTS_NAME).stat().st_size for name in ("frozen", "trained")}
+    assert size["frozen"] < 0.5 * size["trained"]
+    reloaded = PathFLIP.from_pretrained(tmp_path / "frozen")
+    assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in reloaded.state_dict().items())
