@@ -102,7 +102,12 @@ def test_patch_projection_starts_standardized_and_new_parts_get_their_own_rate(s
     optimizer, _ = build_optimizer(model, config, 10)
     rates = {round(g["initial_lr"] / config.lr, 6) for g in optimizer.param_groups}
     assert rates == {1.0, 10.0}
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    # every trainable parameter is optimised; the cross-attention key biases (softmax ignores them) are not trained
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    crossing = [layer for layer in model.qformer.layers if layer.cross_attn is not None]
+    assert len(frozen) == len(crossing) > 0 and all(n.endswith("cross_attn.key.bias") for n in frozen)
 
 
 def test_resume_is_bit_exact_and_checkpoints_hold_no_pickle(split, tmp_path):

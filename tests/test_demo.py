@@ -88,3 +88,29 @@ def test_demo_chat_answers_what_the_demo_slide_shows(shipped):
 def test_demo_chat_answers_every_demo_slide_question_by_the_slidebench_rule(shipped):
     answers = _demo_slide_answers(shipped)
     assert all(vqa_choice(text) == q.answer for q, text in answers), answers
+
+
+@pytest.fixture(scope="module")
+def first_test_slides(tmp_path_factory):
+    """The first 8 slides of the --full recipe's test split (seeds 0..7 at its sizes), built afresh: never seen in
+    training, and the same slides metrics.json scores first."""
+    from training.data import build_synthetic_corpus, slide_name, write_text_files
+
+    split = build_synthetic_corpus(tmp_path_factory.mktemp("corpus"), "test", 8, sizes=demo.FULL.slide_sizes)
+    write_text_files(split, [slide_name("test", s) for s in range(8)])
+    return split
+
+
+def test_shipped_weights_meet_the_floors_on_eight_test_slides(first_test_slides, tmp_path):
+    """The shipped weights on slides they never saw, scored by the same code as metrics.json: zero-shot, retrieval,
+    grounding (template and paraphrased phrasing), VQA and captions. Random weights fail every line."""
+    from training.instruct import evaluate_chat
+    from training.synth_eval import evaluate_alignment
+
+    weights = default_weights_dir()
+    alignment = evaluate_alignment(weights, first_test_slides)
+    chat = evaluate_chat(default_chat_dir(weights), weights, first_test_slides, out_dir=tmp_path, device="cpu")
+    line = demo.headline(alignment, chat)
+    for key, floor in FLOORS.items():
+        assert line[key] >= floor, (key, line[key], floor)
+    assert line["patch_auroc_paraphrase"] >= line["patch_auroc_phrase"] - 0.05

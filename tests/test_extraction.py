@@ -256,7 +256,7 @@ def test_synthetic_pyramid_tiles_give_the_slide_readers_features_bit_for_bit(sli
 
 def test_demo_slide_ycbcr_tiles_give_the_slide_readers_features_bit_for_bit(tmp_path):
     reference, tiles = _extract_both(DEMO, tmp_path, TilingConfig(stride=1536), batch_size=16)
-    assert len(reference) > 40
+    assert len(reference) > 15
     assert np.array_equal(tiles.features, reference.features) and np.array_equal(tiles.coords, reference.coords)
 
 
@@ -544,7 +544,7 @@ def test_cli_shard_under_torchrun_env(wsi_dir, tmp_path):
 def test_demo_slide_through_api_and_cli(tmp_path):
     # every 8th patch position in x and y (stride 2048 px) keeps the test short on 2 cores
     fs = extract_features(DEMO, tmp_path / "api", tiling=TilingConfig(stride=2048), config=ExtractionConfig(num_workers=2))
-    assert len(fs) > 10 and fs.attrs["patch_size_level0"] == 256 and (fs.coords % 2048 == 0).all()
+    assert len(fs) > 5 and fs.attrs["patch_size_level0"] == 256 and (fs.coords % 2048 == 0).all()
     with open_slide(DEMO) as slide:
         x, y = fs.coords[len(fs) // 2]
         pixels = slide.read_region((int(x), int(y)), 0, (256, 256))

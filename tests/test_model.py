@@ -251,7 +251,7 @@ def test_demo_weights_encode_the_demo_slide_as_with_projected_cross_attention(tm
     new = model.encode_slide(features.features, features.coords, features.patch_size_level0)
     monkeypatch.setattr(Attention, "attend_tokens", _projected_cross_attention)
     ref = model.encode_slide(features.features, features.coords, features.patch_size_level0)
-    assert new.num_regions > 20
+    assert new.num_regions > 8
     for a, b in ((new.slide_embedding, ref.slide_embedding), (new.region_embeddings, ref.region_embeddings)):
         assert float((a - b).norm() / b.norm()) < 1e-5
         assert float(F.cosine_similarity(a, b, dim=-1).min()) > 1 - 1e-6

@@ -73,7 +73,7 @@ def test_pale_fat_touching_the_section_is_tissue():
         grids = {pale: set(map(tuple, build_grid(slide, TilingConfig(pale_saturation=pale)).coords))
                  for pale in (0.05, 1.0)}
     kept, otsu_only = grids[0.05], grids[1.0]
-    assert len(fat) >= 30 and fat <= kept and tissue <= kept
+    assert len(fat) >= 15 and fat <= kept and tissue <= kept
     assert len(kept - tissue) <= 0.03 * len(kept)  # glass adds only a rim of edge patches
     assert len(fat & otsu_only) <= 0.1 * len(fat)  # Otsu alone loses the fat
 

@@ -49,9 +49,10 @@ class DemoPlan:
 QUICK = DemoPlan(train_slides=8, test_slides=4, slide_sizes=(3072,), align_steps=3, pretrain_steps=4,
                  lora_steps=3, patch_head_steps=3)
 # `--full`: the shipped weights. Four times the slides, in four sizes and shapes (the demo slide's 8,192 px among
-# them), three times the alignment, patch-head and chat steps; about two hours on 2 CPU cores
-FULL = DemoPlan(train_slides=512, test_slides=64, slide_sizes=(6144, 8192, 10240, 12288), align_steps=1500,
-                pretrain_steps=3000, lora_steps=30, patch_head_steps=2000)
+# them), twice the alignment, 2.5 times the patch-head steps, more chat steps over multi-turn dialogues; about
+# 90 minutes on 2 idle CPU cores
+FULL = DemoPlan(train_slides=384, test_slides=64, slide_sizes=(6144, 8192, 10240, 12288), align_steps=1000,
+                pretrain_steps=1500, lora_steps=30, patch_head_steps=1500)
 RECIPES = {"demo": DemoPlan(), "full": FULL, "quick": QUICK}
 
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(REPO / "runs" / "demo"), help="corpus, checkpoints and logs")
     recipe = parser.add_mutually_exclusive_group()
     recipe.add_argument("--full", action="store_true",
-                        help="the shipped weights: 512 slides of four sizes, longer training (about 2 h on 2 cores)")
+                        help="the shipped weights: 384 slides of four sizes, longer training (about 90 min on 2 cores)")
     recipe.add_argument("--quick", action="store_true", help="tiny slides and a few steps (the test suite's run)")
     parser.add_argument("--device", default="cpu", help="cpu (the documented run) or cuda")
     args = parser.parse_args(argv)

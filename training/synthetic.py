@@ -548,6 +548,10 @@ def _draw_labels(layout: Layout, config: SyntheticConfig, rng: np.random.Generat
     return labels
 
 
+class VanishedFinding(ValueError):
+    """A finding of the layout did not survive drawing (covered by others or outside the tissue)."""
+
+
 def _coverage(fine: np.ndarray, per_patch: int, classes) -> np.ndarray:
     """Number of cells of each patch whose label is in `classes`."""
     gh, gw = -(-fine.shape[0] // per_patch), -(-fine.shape[1] // per_patch)
@@ -849,7 +853,7 @@ def _build_spec(layout: Layout, seed: int, split: str, config: SyntheticConfig, 
             continue  # a negative sentence ("No tumour is identified") describes no tissue
         rows, cols = np.nonzero(np.isin(fine, classes))
         if len(rows) == 0:
-            raise ValueError(f"{name} vanished from the layout {layout.key()} (slide too small?)")
+            raise VanishedFinding(f"{name} vanished from the layout {layout.key()} (slide too small?)")
         c = config.cell
         bbox = (int(cols.min()) * c, int(rows.min()) * c, int(cols.max() - cols.min() + 1) * c,
                 int(rows.max() - rows.min() + 1) * c)
@@ -863,9 +867,15 @@ def _build_spec(layout: Layout, seed: int, split: str, config: SyntheticConfig, 
 def make_slide_spec(seed: int, split: str = "train", config: SyntheticConfig | None = None) -> SlideSpec:
     """The slide `seed` of a split: its layout (see `layout_for`), geometry, caption, questions and stain are all
     derived from (split, seed), so the same arguments always give the same slide."""
-    layout = layout_for(seed, split)
-    rng = np.random.default_rng([SPLITS.index(split), seed, 1])
-    return _build_spec(layout, seed, split, config or SyntheticConfig(), rng)
+    layout, config = layout_for(seed, split), config or SyntheticConfig()
+    # a finding near a corner can fall off the section's noisy outline (a nest centre outside the tissue takes its
+    # necrosis along): then the geometry is drawn again from the next random stream, so every layout is realised
+    for stream in range(1, 9):
+        try:
+            return _build_spec(layout, seed, split, config, np.random.default_rng([SPLITS.index(split), seed, stream]))
+        except VanishedFinding:
+            continue
+    raise VanishedFinding(f"the layout {layout.key()} could not be drawn on a {config.width} x {config.height} slide")
 
 
 DEMO_LAYOUT = Layout(tumour=(0,), size="large", necrosis=True, lymphocytes="edge", fat=6, glands=5)
