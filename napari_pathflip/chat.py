@@ -713,6 +713,13 @@ class ChatEngine:
         base = self.llm
         if hasattr(self.llm, "peft_config"):
             self.llm.save_pretrained(folder / ADAPTER_DIR)
+            # peft writes target_modules in set order (it changes with PYTHONHASHSEED): sort it, so a rerun writes
+            # the same bytes
+            config = folder / ADAPTER_DIR / "adapter_config.json"
+            data = json.loads(config.read_text())
+            if isinstance(data.get("target_modules"), list):
+                data["target_modules"] = sorted(data["target_modules"])
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
             if dtype is not None:
                 adapter = folder / ADAPTER_DIR / "adapter_model.safetensors"
                 save_file({k: cast(v).contiguous() for k, v in load_file(adapter).items()}, adapter)

@@ -4,6 +4,7 @@ A tiny random Qwen3 model with a BPE tokenizer trained on report text (the real 
 ../shared is present, conftest.report_texts) stands in for the LLM.
 """
 
+import json
 import re
 import threading
 
@@ -233,6 +234,9 @@ def test_lora_folder_round_trip_merged_and_unmerged(llm, llm_dir, tokenizer, tmp
     rounded = {k: v.half().float() for k, v in engine.llm.state_dict().items()}
     assert all(torch.equal(v, rounded[k]) for k, v in half.llm.state_dict().items() if v.is_floating_point())
     assert torch.equal(half.projector.weight, engine.projector.weight)  # the projector stays float32
+    # peft keeps target_modules in a set; the saved list is sorted, so a rerun writes the same bytes
+    targets = json.loads((tmp_path / "half" / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) > 1 and targets == sorted(targets)
 
 
 def test_greedy_is_deterministic_and_streaming_is_incremental(llm, tokenizer):
