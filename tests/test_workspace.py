@@ -94,7 +94,9 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
 
     boxes = viewer.layers[BOXES]
     # top 5 asked; the 8,192-px demo slide has 2 x 2 regions of 4,096 px, so every region gets its box
-    assert localize.top_k.value() == 5 and boxes.nshapes == 4 and localize.boxes_list.count() == 4
+    side = DEMO_SIZE // REGION
+    assert localize.top_k.value() == 5 and side * side == 4
+    assert boxes.nshapes == side * side and localize.boxes_list.count() == side * side
     assert list(boxes.features["rank"]) == [1, 2, 3, 4]
     assert "#1" in boxes.text.values[0]
     x0, y0, x1, y1 = localize.result.top_boxes[0, :4]
@@ -116,7 +118,7 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
 
     # region level: one cell per 4096-px region, placed with the same convention
     localize.level_box.setCurrentText("regions")
-    qtbot.waitUntil(lambda: viewer.layers[HEATMAP].data.shape == (2, 2), timeout=30_000)
+    qtbot.waitUntil(lambda: viewer.layers[HEATMAP].data.shape == (side, side), timeout=30_000)
     assert tuple(heat.scale) == pytest.approx((REGION * MPP,) * 2)
     assert tuple(heat.translate) == pytest.approx(((REGION - 1) / 2 * MPP,) * 2)
     _type(qtbot, localize, "fat lobules")
@@ -128,12 +130,12 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
             localize.export(suffix, tmp_path / f"out{suffix}")
         written[suffix] = Path(done.args[0])
     collection = json.loads(written[".geojson"].read_text())
-    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 4
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == side * side
     ring = collection["features"][0]["geometry"]["coordinates"][0]
     assert ring[0] == ring[-1] and collection["features"][0]["properties"]["classification"]["name"] == "fat lobules"
     with np.load(written[".npz"], allow_pickle=False) as scores:
         assert scores["patch_coords"].shape == (len(scores["patch_scores"]), 2)
-        assert scores["region_boxes"].shape == (4, 4) and np.isclose(scores["region_scores"].sum(), 1, atol=1e-4)
+        assert scores["region_boxes"].shape == (side * side, 4) and np.isclose(scores["region_scores"].sum(), 1, atol=1e-4)
     assert Image.open(written[".png"]).size[0] > 100
 
 
