@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from napari_pathflip.encoders import BuiltinEncoder, Encoder, HFVisionEncoder
-from napari_pathflip.extraction import (BatchReader, ExtractionConfig, Workers, _Runner, encoded_batches,
+from napari_pathflip.extraction import (BatchReader, ExtractionConfig, Workers, EncoderRunner, encoded_batches,
                                         extract_features, plan_workers, resolve_device, usable_cores)
 from napari_pathflip.slide import open_slide
 from napari_pathflip.tiles import TileLevel
@@ -114,7 +114,7 @@ def _reader(slide, grid, batch_size: int, mode: str = "auto") -> BatchReader:
 
 def model_only_cpu(encoder: Encoder, patches: np.ndarray, batch_size: int, workers: Workers, seconds: float) -> float:
     """Patches/s of preprocess + forward on the slide's patches in memory, with the cores laid out as `workers`."""
-    runner = _Runner(encoder, torch.device("cpu"), ExtractionConfig(batch_size=batch_size))
+    runner = EncoderRunner(encoder, torch.device("cpu"), ExtractionConfig(batch_size=batch_size))
     batches = [patches[s : s + batch_size] for s in range(0, len(patches) - batch_size + 1, batch_size)]
     count = 4 * max(workers.threads, 1) * len(batches)
     threads = torch.get_num_threads()
@@ -128,7 +128,7 @@ def model_only_cpu(encoder: Encoder, patches: np.ndarray, batch_size: int, worke
 
 def model_only_device(encoder: Encoder, device: torch.device, batch_size: int, amp: bool, seconds: float) -> float:
     """Patches/s of preprocess + forward on an in-memory uint8 batch already on the device."""
-    runner = _Runner(encoder, device, ExtractionConfig(batch_size=batch_size, amp=amp))
+    runner = EncoderRunner(encoder, device, ExtractionConfig(batch_size=batch_size, amp=amp))
     patches = torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8, device=device)
 
     def step() -> int:

@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_pathflip.analysis import default_weights_dir, load_model, recorded_encoder  # noqa: E402
-from napari_pathflip.library import (TABLE, Library, LibraryConfig, _append, _prepare_table,  # noqa: E402
-                                     index_slides)
+from napari_pathflip.analysis import load_model  # noqa: E402
+from napari_pathflip.library import Library, LibraryConfig, append_rows, index_slides, prepare_table  # noqa: E402
+from napari_pathflip.weights import WeightsFolder  # noqa: E402
 
 LATENCY_GOAL_MS = 50.0
 # single findings of training/synthetic.py and how a slide's layout shows them
@@ -75,7 +75,7 @@ def bench_index(args) -> None:
         config = SyntheticConfig(width=args.size, height=args.size)
         for seed in range(args.count):
             slides.append(str(write_slide(make_slide_spec(seed, "test", config), work / "slides", f"s{seed:03d}")))
-        encoder = recorded_encoder(args.weights)
+        encoder = WeightsFolder.resolve(args.weights).encoder
         started = time.perf_counter()
         patches = sum(len(extract_features(s, work / "features-only", encoder, device="cpu")) for s in slides)
         extraction = time.perf_counter() - started
@@ -122,21 +122,18 @@ def bench_latency(args) -> None:
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bench-library-"))
     try:
-        model = load_model(args.weights)
+        weights = WeightsFolder.resolve(args.weights)
+        model = load_model(weights)
         config = LibraryConfig()
         d, k = model.config.embed_dim, config.prototypes
         started = time.perf_counter()
-        _prepare_table(work, args.weights, recorded_encoder(args.weights), work / "cache", d, config)
+        prepare_table(work, weights, weights.encoder, work / "cache", d, config)
         files = []
         for i in range(args.encodings):
             path = work / "cache" / f"encoding-{i:03d}.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
             random_encoding(model, args.patches, rng).save(path, include_features=False)
             files.append(path)
-        import zarr
-
-        group = zarr.open_group(work / TABLE, mode="r+")
-        count = region_rows = 0
         for start in range(0, args.slides, 1000):
             entries = []
             for row in range(start, min(start + 1000, args.slides)):
@@ -153,7 +150,7 @@ def bench_latency(args) -> None:
                     "prototypes": vectors, "prototype_share": rng.uniform(0.05, 1, k).astype(np.float32),
                     "prototype_region": rng.integers(0, args.regions, k), "prototype_patches": np.full(k, 10),
                     "thumbnail": np.full((config.thumbnail, config.thumbnail, 3), 255, np.uint8)})
-            count, region_rows = _append(group, count, region_rows, entries)
+            append_rows(work, entries)
         built = time.perf_counter() - started
         started = time.perf_counter()
         library = Library(work, model=model, config=config)
@@ -168,12 +165,12 @@ def bench_latency(args) -> None:
         stages = {"text + stage 1": [], "stage 2 (exact) + best regions": []}
         library.search("warm up the text tower", top=args.top)
         for text in texts:
-            library._cache.clear()
+            library.forget_encodings()
             started = time.perf_counter()
-            with library._text_cache():
+            with library.caching_texts():
                 library.first_stage([text])
             stages["text + stage 1"].append((time.perf_counter() - started) * 1e3)
-            library._cache.clear()
+            library.forget_encodings()
             started = time.perf_counter()
             library.search(text, top=args.top)
             timings["cold"].append((time.perf_counter() - started) * 1e3)
@@ -236,7 +233,7 @@ def bench_quality(args) -> None:
                                        json.loads(Path(p).with_suffix(".json").read_text())["sentences"]})
     queries = queries[:args.fidelity_queries]
     encodings = [library.encoding(row) for row in range(len(library))]
-    with library._text_cache():
+    with library.caching_texts():
         exact = model.retrieval_scores(encodings, queries)
         first = library.first_stage(queries)
     print(f"first-stage fidelity ({len(queries)} queries: the findings and caption sentences; recall of the exact "
@@ -265,7 +262,7 @@ def bench_quality(args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", nargs="?", choices=["index", "latency", "quality"], help="default: index + latency")
-    parser.add_argument("--weights", type=Path, default=default_weights_dir())
+    parser.add_argument("--weights", type=Path, default=WeightsFolder.resolve().path)
     parser.add_argument("--count", type=int, default=20, help="index: synthetic slides")
     parser.add_argument("--size", type=int, default=8192, help="index: slide side in pixels")
     parser.add_argument("--slides", type=int, default=10_000, help="latency: library rows")

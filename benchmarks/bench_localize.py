@@ -57,10 +57,10 @@ def main() -> int:
     from qtpy.QtTest import QTest
     from qtpy.QtWidgets import QApplication
 
-    from napari_pathflip.analysis import default_weights_dir
+    from napari_pathflip.weights import WeightsFolder
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-localize-"))
-    weights = Path(args.weights) if args.weights else default_weights_dir()
+    weights = Path(args.weights) if args.weights else WeightsFolder.resolve().path
     if not (weights / "config.json").is_file():
         weights = random_weights(tmp / "weights" / "pathflip")
         print(f"no trained weights found: using a random default-size PathFLIP ({weights})")
@@ -90,7 +90,7 @@ def main() -> int:
     localize.heatmap_updated.connect(lambda text, level: updates.append((time.perf_counter(), text, level)))
 
     def measure(level: str) -> list[float]:
-        localize.level_box.setCurrentText(level)
+        localize.detail_box.setCurrentText(level)
         latencies = []
         for query in QUERIES * args.repeats:
             localize.query.clear()

@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t = time.perf_counter()
-    synthetic._index_banks()
+    synthetic.index_banks()
     print(f"texture banks (once per process): {time.perf_counter() - t:.2f} s")
     config = synthetic.SyntheticConfig(width=args.size, height=args.size)
     t = time.perf_counter()

@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_pathflip.chat import build_training_example, collate_training_examples, splice_visual  # noqa: E402
+from napari_pathflip.chat import splice_visual  # noqa: E402
+from training.collate import build_training_example, collate_training_examples  # noqa: E402
 from napari_pathflip.model import PathFLIP, PathFLIPConfig, SlideInput  # noqa: E402
-from napari_pathflip.model.modeling import default_bert_dir  # noqa: E402
+from napari_pathflip.model import default_bert_dir  # noqa: E402
 from training.tiny_llm import qwen3_0_6b_config  # noqa: E402
 
 EPOCH_SLIDES = 4915

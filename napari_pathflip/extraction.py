@@ -12,11 +12,8 @@ so a resumed run computes exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -29,8 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .encoders import ENCODER_HELP, Encoder, build_encoder
+from .encoders import Encoder, build_encoder
 from .errors import PathflipError
+from .weights import resolve_device
 from .features import FeatureSet, SlideStore, store_key
 from .slide import Slide, is_slide_path, open_slide
 from .tiles import PatchTiles, TileLevel, TileUnavailable
@@ -116,17 +114,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """"auto": the CUDA device of this process (LOCAL_RANK under torchrun) when there is one, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise PathflipError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +211,7 @@ def _resize(patch: np.ndarray, size: int) -> np.ndarray:
 # encoding
 
 
-class _Runner:
+class EncoderRunner:
     """Runs an encoder on uint8 batches on one device: transfer, preprocess, autocast, OOM back-off."""
 
     def __init__(self, encoder: Encoder, device: torch.device, config: ExtractionConfig):
@@ -257,7 +244,7 @@ class _Runner:
         return torch.cat(outputs).numpy()
 
 
-def encoded_batches(read: Callable[[int], np.ndarray], runner: _Runner, workers: Workers, count: int,
+def encoded_batches(read: Callable[[int], np.ndarray], runner: EncoderRunner, workers: Workers, count: int,
                     prefetch_factor: int = 2):
     """(i, features of batch i) for i = 0 .. count - 1 in order; `read(i)` gives batch i's uint8 patches.
 
@@ -357,9 +344,16 @@ def extract_features(
 
 def _extract(slide, store, encoder, key, device, tiling, config, progress, cancel) -> FeatureSet:
     grid = build_grid(slide, tiling)
+    if len(grid) == 0:  # an empty store would only fail later, far from the cause
+        raise PathflipError(
+            f"{slide.path}: no tissue was found (tissue covers {grid.tissue_fraction:.1%} of the thumbnail and no "
+            f"patch is at least {tiling.min_tissue_fraction:.0%} tissue), so there is nothing to extract. If the "
+            "slide holds tissue, lower the tissue threshold (--min-tissue, TilingConfig.min_tissue_fraction); "
+            "otherwise it is blank or not a brightfield slide: use a different slide."
+        )
     stride0 = grid.patch_size_level0 if not tiling.stride else int(round(
         tiling.stride * grid.patch_size_level0 / tiling.patch_size))
-    runner = _Runner(encoder, resolve_device(device), config)
+    runner = EncoderRunner(encoder, resolve_device(device), config)
     ids, origins = region_ids(grid.coords, grid.region_size_level0)
     plan = {
         "key": key,
@@ -446,12 +440,16 @@ def _extract(slide, store, encoder, key, device, tiling, config, progress, cance
 
 
 def collect_slides(inputs: list[str]) -> list[str]:
-    """Slide paths from files, folders (searched recursively) and CSV files (column `slide`, else the first)."""
+    """Slide paths from files, folders (searched recursively) and CSV files (column `slide`, else the first).
+
+    A folder of DICOM instances is one slide, not one per file."""
     slides: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            slides += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_slide_path(p))
+            found = [p for p in sorted(path.rglob("*")) if is_slide_path(p)]  # files by name, DICOM folders too
+            dicom = {p for p in found if p.is_dir()}
+            slides += [item] if is_slide_path(path) else [str(p) for p in found if p.parent not in dicom]
         elif path.suffix.lower() == ".csv":
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
@@ -472,76 +470,3 @@ def shard(slides: list[str]) -> tuple[list[str], int, int]:
     """This process's share under torchrun: rank r of w takes slides r, r + w, r + 2w, ..."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return slides[rank::world], rank, world
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pathflip extract", description="Extract patch features into a store.")
-    parser.add_argument("inputs", nargs="+", metavar="SLIDE_OR_FOLDER", help="slide files, folders or CSV files")
-    parser.add_argument("--out", required=True, help="feature store folder")
-    parser.add_argument("--encoder", default="builtin", help=ENCODER_HELP)
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--mpp", type=float, default=None, help="level-0 um/px for slides that lack it (overrides)")
-    parser.add_argument("--batch-size", type=int, default=ExtractionConfig.batch_size)
-    parser.add_argument("--chunk-size", type=int, default=ExtractionConfig.chunk_size)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="decode threads (on CPU each also encodes); default: from the usable cores")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per encoding thread on CPU")
-    parser.add_argument("--reader", default=ExtractionConfig.reader, choices=["auto", "slide"],
-                        help="auto: decode the file's tiles directly where possible; slide: always the slide reader")
-    parser.add_argument("--target-mpp", type=float, default=TilingConfig.target_mpp)
-    parser.add_argument("--patch-size", type=int, default=TilingConfig.patch_size)
-    parser.add_argument("--stride", type=int, default=None, help="patch step at target mpp (default: patch size)")
-    parser.add_argument("--min-tissue", type=float, default=TilingConfig.min_tissue_fraction)
-    parser.add_argument("--float16", action="store_true", help="store features as float16")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (CONCH .bin)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    slides, rank, world = shard(collect_slides(args.inputs))
-    tiling = TilingConfig(target_mpp=args.target_mpp, patch_size=args.patch_size, stride=args.stride,
-                          min_tissue_fraction=args.min_tissue)
-    config = ExtractionConfig(
-        batch_size=args.batch_size, num_workers=args.workers, chunk_size=args.chunk_size,
-        dtype="float16" if args.float16 else "float32", allow_pickle=args.allow_pickle, cpu_threads=args.threads,
-        reader=args.reader,
-    )
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    workers = plan_workers(config, resolve_device(args.device)).describe()
-    print(f"{prefix}{len(slides)} slide(s) -> {args.out}; {workers}", flush=True)
-    encoder = build_encoder(args.encoder, allow_pickle=args.allow_pickle)  # built once, shared by all slides
-    summary: dict[str, list] = {"done": [], "skipped": [], "failed": []}
-    for path in slides:
-        bar = None
-        if not args.no_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(desc=Path(path).name, unit="patch", leave=False, file=sys.stderr, postfix=workers)
-
-        def progress(done: int, total: int, bar=bar) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-        try:
-            feature_set = extract_features(path, args.out, encoder, device=args.device, mpp=args.mpp,
-                                           tiling=tiling, config=config, progress=progress)
-            status = "skipped" if feature_set.from_cache else "done"
-            summary[status].append({"slide": path, "patches": len(feature_set), "store": str(feature_set.path),
-                                    "mpp_source": feature_set.attrs.get("mpp_source")})
-        except PathflipError as exc:
-            summary["failed"].append({"slide": path, "reason": str(exc)})
-        finally:
-            if bar is not None:
-                bar.close()
-
-    print(f"{prefix}summary: {len(summary['done'])} done, {len(summary['skipped'])} skipped (already complete), "
-          f"{len(summary['failed'])} failed")
-    for entry in summary["done"] + summary["skipped"]:
-        print(f"  ok      {entry['slide']}: {entry['patches']} patches (mpp from {entry['mpp_source']}) -> {entry['store']}")
-    for entry in summary["failed"]:
-        print(f"  FAILED  {entry['slide']}: {entry['reason']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"summary-rank{rank}.json").write_text(json.dumps(summary, indent=1))
-    return 1 if summary["failed"] else 0

@@ -23,13 +23,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PathflipError
+from .files import atomic_write, atomic_write_json
 from .tiling import region_ids as compute_region_ids
 
 FORMAT_VERSION = 1
@@ -69,25 +69,11 @@ class FeatureSet:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# atomic file helpers
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temporary name in the same folder, fsync, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# manifests
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_jsonable)))
+    atomic_write_json(path, data, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(value):
@@ -132,7 +118,7 @@ def write_h5(feature_set: FeatureSet, path: str | os.PathLike) -> Path:
             f.create_dataset("region_origins", data=feature_set.region_origins)
             f.attrs["pathflip"] = json.dumps(attrs, sort_keys=True, default=_jsonable)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -145,6 +131,9 @@ def read_h5(path: str | os.PathLike, *, region_patches: int = 16, patch_size_lev
     import h5py
 
     path = Path(path)
+    if not path.is_file():
+        raise PathflipError(f"{path}: the feature file is missing (no such file). Check the path and the folder it "
+                            "is relative to.")
     try:
         with h5py.File(path, "r") as f:
             if "features" not in f or "coords" not in f:
@@ -308,7 +297,7 @@ class SlideStore:
             with open(tmp, "wb") as f:
                 np.savez(f, coords=coords, region_ids=region_ids, region_origins=region_origins)
 
-        _atomic_write(self.grid_path, write_grid)
+        atomic_write(self.grid_path, write_grid)
         _write_json(self.plan_path, plan)
         return plan
 
@@ -361,7 +350,7 @@ class SlideStore:
 
     def write_chunk(self, index: int, features: np.ndarray) -> None:
         self.chunks.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.chunk_path(index), lambda tmp: np.save(open(tmp, "wb"), features))
+        atomic_write(self.chunk_path(index), lambda tmp: np.save(open(tmp, "wb"), features))
 
     def gather(self, plan: dict) -> np.ndarray:
         n_chunks = -(-plan["num_patches"] // plan["chunk_size"])

@@ -7,12 +7,13 @@ with scale s has its pixel r centred at r*s + (s-1)/2: translate = (s-1)/2 (time
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import annotations
+from .annotations import Annotation, feature_collection, rectangle
 from .errors import PathflipError
 
 
@@ -54,40 +55,33 @@ def normalise(scores: np.ndarray) -> np.ndarray:
     return (scores - low) / (high - low) if high > low else np.where(np.isfinite(scores), 1.0, np.nan)
 
 
-# key colours of matplotlib's 'inferno' at 0, 1/4, 1/2, 3/4, 1 (a perceptually ordered dark-to-bright map)
-_INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+# key colours of matplotlib's 'inferno' at 0, 1/4, 1/2, 3/4, 1 (a perceptually ordered dark-to-bright map), with the
+# opacity the heatmap layer gives each: the low end is transparent so the slide shows through weak scores
+HEAT_COLOURS = np.array([[0, 0, 4, 0], [87, 16, 110, 150], [188, 55, 84, 230], [249, 142, 9, 255],
+                         [252, 255, 164, 255]], dtype=np.float32)
 
 
-def inferno(values: np.ndarray) -> np.ndarray:
-    """RGB (0-255 float) for values in [0, 1], linear between the key colours."""
-    stops = np.linspace(0, 1, len(_INFERNO))
-    values = np.clip(values, 0, 1)
-    return np.stack([np.interp(values, stops, _INFERNO[:, c]) for c in range(3)], axis=-1)
+def heat_rgba(values: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """RGBA (0-255 float) of HEAT_COLOURS for values in [0, 1] shown from `threshold` up, as the heatmap layer
+    shows them with contrast limits (threshold, 1): linear between the key colours, transparent at and below it."""
+    stops = np.linspace(0, 1, len(HEAT_COLOURS))
+    values = np.clip((np.asarray(values, dtype=np.float32) - threshold) / max(1.0 - threshold, 1e-6), 0, 1)
+    return np.stack([np.interp(values, stops, HEAT_COLOURS[:, c]) for c in range(4)], axis=-1)
 
 
 def boxes_geojson(boxes: np.ndarray, scores: np.ndarray, name: str, kind: str = "region") -> dict:
-    """Level-0 boxes (x0, y0, x1, y1) as a GeoJSON FeatureCollection that QuPath imports as annotations."""
-    features = []
-    for rank, ((x0, y0, x1, y1), score) in enumerate(zip(np.asarray(boxes).tolist(), np.asarray(scores).tolist())):
-        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "annotation",
-                "name": f"{name} #{rank + 1}",
-                "classification": {"name": name, "color": [255, 64, 0]},
-                "measurements": {"score": float(score), "rank": rank + 1},
-                "pathflip": {"kind": kind, "query": name},
-            },
-        })
-    return {"type": "FeatureCollection", "features": features}
+    """Level-0 boxes (x0, y0, x1, y1) as a GeoJSON FeatureCollection that QuPath imports as annotations (written by
+    annotations.feature_collection, the one GeoJSON writer, so `annotations.read_geojson` reads it back)."""
+    boxes, scores = np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64)
+    return feature_collection([
+        Annotation(rectangle(*box), f"{name} #{rank}", name, (255, 64, 0),
+                   {"measurements": {"score": score, "rank": rank}, "pathflip": {"kind": kind, "query": name}})
+        for rank, (box, score) in enumerate(zip(boxes.tolist(), scores.tolist()), 1)])
 
 
 def save_geojson(path: str | Path, collection: dict) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(collection, indent=1))
-    return path
+    """A GeoJSON FeatureCollection to `path`, atomically (annotations.save_geojson)."""
+    return annotations.save_geojson(path, collection)
 
 
 def save_scores_npz(path: str | Path, **arrays) -> Path:
@@ -97,19 +91,23 @@ def save_scores_npz(path: str | Path, **arrays) -> Path:
     return path
 
 
-def overlay_png(path: str | Path, thumbnail: np.ndarray, grid: ScoreGrid, downsample: float, alpha: float = 0.5,
+def overlay_png(path: str | Path, thumbnail: np.ndarray, grid: ScoreGrid, downsample: float, opacity: float = 0.7,
                 threshold: float = 0.0) -> Path:
-    """The thumbnail (taken at `downsample` from level 0) with the normalised grid blended on top in 'inferno'."""
+    """The thumbnail (taken at `downsample` from level 0) with `grid` (values in [0, 1]) blended on top as the
+    heatmap layer shows it at this `opacity` and `threshold`."""
     from PIL import Image
 
     height, width = thumbnail.shape[:2]
-    values = normalise(grid.values)
-    # nearest upsampling of the grid to the thumbnail: cell c spans [c*cell, (c+1)*cell) level-0 pixels
-    ys = np.minimum((np.arange(height) * downsample // grid.cell).astype(int), values.shape[0] - 1)
-    xs = np.minimum((np.arange(width) * downsample // grid.cell).astype(int), values.shape[1] - 1)
-    up = values[ys[:, None], xs[None, :]]
-    colours = inferno(np.nan_to_num(up, nan=0.0))
-    weight = np.where(np.isfinite(up) & (up >= threshold), alpha, 0.0)[..., None]
-    blended = thumbnail[..., :3] * (1 - weight) + colours * weight
-    Image.fromarray(blended.astype(np.uint8)).save(path)
+    values = np.nan_to_num(grid.values, nan=0.0)
+    # nearest upsampling of the grid to the thumbnail: cell c spans [c*cell, (c+1)*cell) level-0 pixels; pixels
+    # past the grid's extent (no patches there) get no colour
+    ys = (np.arange(height) * downsample // grid.cell).astype(int)
+    xs = (np.arange(width) * downsample // grid.cell).astype(int)
+    inside = (ys[:, None] < values.shape[0]) & (xs[None, :] < values.shape[1])
+    up = np.where(inside, values[np.minimum(ys, values.shape[0] - 1)[:, None],
+                                 np.minimum(xs, values.shape[1] - 1)[None, :]], 0.0)
+    rgba = heat_rgba(up, threshold)
+    weight = rgba[..., 3:] / 255 * opacity
+    blended = thumbnail[..., :3] * (1 - weight) + rgba[..., :3] * weight
+    Image.fromarray(np.rint(blended).astype(np.uint8)).save(path)
     return Path(path)

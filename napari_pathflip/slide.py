@@ -1,32 +1,57 @@
 """Where a slide is read: a whole-slide image as a lazy multiscale pyramid.
 
-`open_slide` wraps tiffslide (SVS, generic tiled TIFF/BigTIFF, NDPI, SCN, BIF, OME-TIFF; local paths and fsspec
-URLs). Every level is a lazy RGB uint8 array that decodes only the file tiles a read touches. Files with too few
+`open_slide` opens a slide file through one of the backends in `backends/` (tiffslide by default: SVS, generic
+tiled TIFF/BigTIFF, NDPI, SCN, BIF, OME-TIFF, local paths and fsspec URLs; wsidicom for DICOM WSI; OpenSlide for
+MIRAX, VMS/VMU, SVSLIDE and other formats tiffslide does not read) and gives the same `Slide` for all of them.
+Every level is a lazy RGB uint8 array that decodes only the file tiles a read touches. Files with too few
 levels get lazily computed coarser levels (2x box filter of the level above) down to about `min_level_size` pixels,
 so a zoomed-out view never asks for level 0 as one block. `Slide.levels` offers the pyramid as dask arrays whose
 chunks are the file's tiles; the viewer takes the plain array-likes instead (`display_levels`), so opening a slide
 in napari never imports dask.array (which pulls in scipy: about half a second on a cold start).
+
+napari reads the visible part of a level, widened to the level's `chunks`, again whenever the view leaves what it
+read last. The viewer's levels therefore decode a read's file tiles side by side on one thread per core, keep
+recently decoded tiles (`DisplayConfig.tile_cache_mib`), and offer a level that fits one texture as a single chunk
+(`DisplayConfig.whole_level_side`): napari reads it once and pans across it without reading again.
+
+The pixel size is believed when the file's vendor metadata states it (Aperio MPP, DICOM pixel spacing, ...) or
+when a TIFF resolution tag gives a microscope's resolution (`PLAUSIBLE_MPP`); a tag of 72 or 300 dpi is a
+screen or print setting, so such a slide opens in pixel units and `Slide.mpp_note` says why.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .backends import SLIDE_SUFFIXES, Backend, NativeLevel, is_dicom_folder, open_backend
 from .errors import PathflipError
 
 if TYPE_CHECKING:
     import dask.array as da
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
+PLAUSIBLE_MPP = (0.05, 20.0)  # um/px a slide scanner or microscope camera gives (about 200x to 0.5x)
+
+
+@dataclass(frozen=True)
+class DisplayConfig:
+    """How the viewer's pyramid (`Slide.display_levels`) reads."""
+
+    # decoded file tiles kept per open slide: a pan back, or the next view of a drag, finds most of its tiles here
+    tile_cache_mib: int = 32
+    # a level at most this many px a side, whose whole reading decodes at most this squared in file pixels, is one
+    # chunk: read once, then panned without reading (4096 px fits the texture of any GPU napari runs on)
+    whole_level_side: int = 4096
 
 
 @dataclass
@@ -38,12 +63,13 @@ class Slide:
     native_levels: int  # levels stored in the file; the rest are computed
     mpp: tuple[float, float] | None  # micrometres per level-0 pixel (x, y); None: pixel units only
     mpp_source: str  # "file", "user" or "none"
+    mpp_note: str  # where the mpp comes from, or why the slide is in pixel units (for the workspace to show)
     objective_power: float | None
     vendor: str | None
     fingerprint: str
+    backend: str  # which library reads the file: "tiffslide", "wsidicom" or "openslide"
     properties: dict = field(repr=False)
-    _handle: object = field(repr=False, default=None)
-    _arrays: list = field(repr=False, default_factory=list)  # the file's levels as zarr arrays
+    _backend: Backend = field(repr=False, default=None)
     _sources: list = field(repr=False, default_factory=list)  # every level as a _Level, level 0 first
     _min_level_size: int = field(repr=False, default=1024)
 
@@ -71,14 +97,11 @@ class Slide:
 
     @property
     def associated_names(self) -> list[str]:
-        return list(self._handle.associated_images.keys())
+        return self._backend.associated_names
 
     def associated_image(self, name: str) -> np.ndarray | None:
         """Thumbnail, label or macro image as RGB uint8, or None when the file has none of that name."""
-        images = self._handle.associated_images
-        if name not in images:
-            return None
-        return np.asarray(images[name].convert("RGB"))
+        return self._backend.associated_image(name)
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (small tolerance for rounding)."""
@@ -101,10 +124,18 @@ class Slide:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = array.read(y0, y1, x0, x1)
         return out
 
-    def display_levels(self, on_error) -> list[_Level]:
+    def display_levels(self, on_error, config: DisplayConfig = DisplayConfig()) -> list[_Level]:
         """The pyramid for a viewer, as array-likes (no dask): damaged tiles go to `on_error(PathflipError)` and
-        show grey."""
-        return _pyramid(self._arrays, self.path, self._min_level_size, on_error)
+        show grey; tiles are decoded in parallel and cached, small levels are one chunk (see the module doc)."""
+        cache = _TileCache(config.tile_cache_mib * 2**20)
+        levels = _pyramid(self._backend.levels, self.path, self._min_level_size, on_error, cache)
+        native_pixels = math.prod(levels[self.native_levels - 1].shape[:2])
+        for index, level in enumerate(levels):
+            # a computed level is read from the whole of the coarsest stored level
+            cost = math.prod(level.shape[:2]) if index < self.native_levels else native_pixels
+            if max(level.shape[:2]) <= config.whole_level_side and cost <= config.whole_level_side**2:
+                level.chunks = level.shape
+        return levels
 
     def metadata(self) -> dict:
         """Plain-data description of the slide (goes into napari's `layer.metadata`)."""
@@ -117,14 +148,16 @@ class Slide:
             "native_levels": self.native_levels,
             "mpp": self.mpp,
             "mpp_source": self.mpp_source,
+            "mpp_note": self.mpp_note,
             "objective_power": self.objective_power,
             "vendor": self.vendor,
+            "backend": self.backend,
             "associated_images": self.associated_names,
-            "units": "micrometre" if self.mpp else "pixel (no mpp in the file: pass mpp to open_slide for physical units)",
+            "units": "micrometre" if self.mpp else f"pixel ({self.mpp_note}; pass mpp to open_slide for micrometres)",
         }
 
     def close(self) -> None:
-        self._handle.close()
+        self._backend.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -180,20 +213,42 @@ class _Level(ABC):
 
 
 class _TileSource(_Level):
-    """A level stored in the file (a zarr array); decode failures become a PathflipError naming slide and tile.
+    """A level stored in the file; decode failures become a PathflipError naming slide and tile.
 
     With `on_error` set (the viewer's case) a damaged tile is reported through it and drawn mid-grey instead, so
-    one bad tile never takes the display down.
+    one bad tile never takes the display down. With a `cache` (the viewer's levels) a read is cut into `blocks`
+    (the file's tiles, squares for strips) that are decoded side by side and kept in the cache.
     """
 
-    def __init__(self, array, path: str, level: int, on_error=None):
-        self.array, self.path, self.level, self.on_error = array, path, level, on_error
-        self.shape = (*array.shape[:2], 3)
-        self.chunks = (*_square_chunks(tuple(array.chunks[:2])), 3)
+    def __init__(self, native: NativeLevel, path: str, level: int, on_error=None, cache: _TileCache | None = None):
+        self.native, self.path, self.level, self.on_error, self.cache = native, path, level, on_error, cache
+        self.shape = (*native.shape, 3)
+        self.blocks = _square_chunks(native.tile)
+        self.chunks = (*self.blocks, 3)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self.cache is None:
+            return self._read_or_grey(y0, y1, x0, x1)[0]
+        out = np.empty((y1 - y0, x1 - x0, 3), dtype=self.dtype)
+        bh, bw = self.blocks
+
+        def copy(by: int, bx: int) -> None:
+            key = (self.level, by, bx)
+            block = self.cache.get(key)
+            if block is None:
+                block, intact = self._read_or_grey(by, min(by + bh, self.shape[0]), bx, min(bx + bw, self.shape[1]))
+                if intact:  # a damaged tile is tried (and reported) again rather than kept grey
+                    self.cache.put(key, block)
+            ys, ye, xs, xe = max(y0, by), min(y1, by + bh), max(x0, bx), min(x1, bx + bw)
+            out[ys - y0 : ye - y0, xs - x0 : xe - x0] = block[ys - by : ye - by, xs - bx : xe - bx]
+
+        _each(copy, [(by, bx) for by in range(y0 - y0 % bh, y1, bh) for bx in range(x0 - x0 % bw, x1, bw)])
+        return out
+
+    def _read_or_grey(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, bool]:
+        """The pixels, and whether they are the file's (False: grey for a damaged tile, reported to on_error)."""
         try:
-            return np.asarray(self.array[y0:y1, x0:x1])[..., :3]
+            return self.native.read(y0, y1, x0, x1), True
         except Exception as exc:
             (ty0, ty1), (tx0, tx1), exc = self._damaged_tile(y0, y1, x0, x1, exc)
             error = PathflipError(
@@ -203,16 +258,16 @@ class _TileSource(_Level):
             if self.on_error is None:
                 raise error from exc
             self.on_error(error)
-            return np.full((y1 - y0, x1 - x0, 3), 128, dtype=self.dtype)
+            return np.full((y1 - y0, x1 - x0, 3), 128, dtype=self.dtype), False
 
     def _damaged_tile(self, y0: int, y1: int, x0: int, x1: int, exc):
         """The first file tile inside the range that fails to decode (its pixel ranges), for a precise message."""
-        th, tw = self.array.chunks[:2]
+        th, tw = self.native.tile
         for ty in range(y0 // th * th, y1, th):
             for tx in range(x0 // tw * tw, x1, tw):
                 ty1, tx1 = min(ty + th, self.shape[0]), min(tx + tw, self.shape[1])
                 try:
-                    self.array[ty:ty1, tx:tx1]
+                    self.native.read(ty, ty1, tx, tx1)
                 except Exception as tile_exc:
                     return (ty, ty1), (tx, tx1), tile_exc
         return (y0, y1), (x0, x1), exc
@@ -246,6 +301,50 @@ class _Coarser(_Level):
         return out
 
 
+class _TileCache:
+    """Decoded blocks of one slide's viewer levels, keyed (level, y, x); the least recently used go beyond
+    `max_bytes`. Thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self._blocks: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int, int]) -> np.ndarray | None:
+        with self._lock:
+            block = self._blocks.get(key)
+            if block is not None:
+                self._blocks.move_to_end(key)
+            return block
+
+    def put(self, key: tuple[int, int, int], block: np.ndarray) -> None:
+        with self._lock:
+            if key in self._blocks or block.nbytes > self.max_bytes:
+                return
+            self._blocks[key] = block
+            self.nbytes += block.nbytes
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= self._blocks.popitem(last=False)[1].nbytes
+
+
+@functools.cache
+def _decoders() -> ThreadPoolExecutor:
+    """Threads, one per usable core, that decode the tiles of a viewer read side by side (the decoders release the
+    GIL). Shared by every open slide; a task here never waits on another task here."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(max_workers=cores, thread_name_prefix="pathflip-tiles")
+
+
+def _each(function, items: list[tuple]) -> None:
+    """function(*item) for every item: on the decoding threads when there are several (errors are raised here)."""
+    if len(items) < 2:
+        for item in items:
+            function(*item)
+        return
+    for _ in _decoders().map(lambda item: function(*item), items):
+        pass
+
+
 def _square_chunks(chunks: tuple[int, int], target: int = 512) -> tuple[int, int]:
     """File tiles as dask chunks; strips (very flat tiles) become squares of about `target` px."""
     tile_h, tile_w = chunks
@@ -254,57 +353,14 @@ def _square_chunks(chunks: tuple[int, int], target: int = 512) -> tuple[int, int
     return (tile_h, tile_w)
 
 
-def _pyramid(arrays, path: str, min_level_size: int, on_error=None) -> list[_Level]:
+def _pyramid(natives: list[NativeLevel], path: str, min_level_size: int, on_error=None,
+             cache: _TileCache | None = None) -> list[_Level]:
     """The file's levels, plus computed 2x levels until the coarsest is <= min_level_size."""
-    levels: list[_Level] = [_TileSource(array, path, index, on_error) for index, array in enumerate(arrays)]
+    levels: list[_Level] = [_TileSource(native, path, index, on_error, cache) for index, native in enumerate(natives)]
     block = min(max(levels[-1].chunks[0], 256), 1024)
     while max(levels[-1].shape[:2]) > min_level_size and min(levels[-1].shape[:2]) >= 2:
         levels.append(_Coarser(levels[-1], block))
     return levels
-
-
-def _fingerprint(handle) -> str:
-    """Identity of the file's content: size, head and tail bytes, and level geometry (cheap, no full read; through
-    the handle tiffslide already opened, so the file is opened once)."""
-    fh = handle.ts_tifffile.filehandle
-    digest = hashlib.sha256()
-    with fh.lock:
-        size = fh.size
-        digest.update(str(size).encode())
-        fh.seek(0)
-        digest.update(fh.read(1 << 16))
-        fh.seek(max(0, size - (1 << 16)))
-        digest.update(fh.read(1 << 16))
-    digest.update(repr(handle.level_dimensions).encode())
-    return digest.hexdigest()[:16]
-
-
-def _decodable_levels(handle, path: str, properties: dict) -> list:
-    """The file's levels as zarr arrays; refuses files tifffile cannot decode at all (unknown compression, empty
-    pages) and anything but RGB(A) 8-bit."""
-    import tifffile
-
-    series = handle.ts_tifffile.series[properties.get("tiffslide.series-index") or 0]
-    for level in series.levels:
-        page = level.keyframe
-        try:
-            tifffile.COMPRESSION(page.compression)
-        except ValueError as exc:
-            raise PathflipError(
-                f"cannot open {path}: its image data uses an unknown compression ({page.compression}). "
-                "The file is damaged or not a whole-slide image; check it opens in QuPath or re-export it."
-            ) from exc
-        if min(level.shape[:2]) < 1:
-            raise PathflipError(f"cannot open {path}: the image has no pixels.")
-    group = handle.zarr_group
-    arrays = [group[str(index)] for index in range(handle.level_count)]
-    for index, array in enumerate(arrays):
-        if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-            raise PathflipError(
-                f"cannot open {path}: level {index} is {array.shape} {array.dtype}; only RGB(A) 8-bit "
-                "brightfield slides are supported."
-            )
-    return arrays
 
 
 def open_slide(
@@ -313,74 +369,76 @@ def open_slide(
     mpp: float | tuple[float, float] | None = None,
     storage_options: dict | None = None,
     min_level_size: int = 1024,
+    backend: str | None = None,
 ) -> Slide:
     """Open a whole-slide image lazily.
 
-    `path` is a local path or an fsspec URL. `mpp` overrides (or supplies) the level-0 pixel size in micrometres.
-    Raises PathflipError when the file is missing, not a slide, or cannot be decoded.
+    `path` is a local path (a file, or a folder of DICOM instances) or an fsspec URL. `mpp` overrides (or supplies)
+    the level-0 pixel size in micrometres. `backend` forces "tiffslide", "wsidicom" or "openslide" instead of the
+    one chosen from the file (see `backends`). Raises PathflipError when the file is missing, not a slide, or
+    cannot be decoded.
     """
-    import tifffile
-    import tiffslide
-
     path = os.fspath(path)
-    is_url = "://" in path
-    if not is_url and not os.path.exists(path):
+    if "://" not in path and not os.path.exists(path):
         raise PathflipError(f"cannot open {path}: no such file. Check the path.")
-    if not is_url and os.path.isdir(path):
-        raise PathflipError(f"cannot open {path}: it is a folder; pass a slide file (.svs, .tiff, .ndpi, ...).")
-    unreadable = (tifffile.TiffFileError, ValueError, KeyError, IndexError, NotImplementedError, OSError)
+    if backend is None and "://" not in path and os.path.isdir(path) and not is_dicom_folder(path):
+        raise PathflipError(
+            f"cannot open {path}: it is a folder without DICOM files; pass a slide file (.svs, .tiff, .ndpi, .mrxs, "
+            "...) or the folder of a DICOM whole-slide image."
+        )
+    opened = open_backend(path, storage_options, backend)
     try:
-        handle = tiffslide.TiffSlide(path, storage_options=storage_options)
-    except unreadable as exc:
-        raise _not_a_slide(path, exc) from exc
-    try:
-        props = dict(handle.properties)  # tiffslide parses the vendor metadata here, once
-        arrays = _decodable_levels(handle, path, props)
-        fingerprint = _fingerprint(handle)
-    except unreadable as exc:
-        handle.close()
-        raise _not_a_slide(path, exc) from exc
+        mpp_xy, source, note = _resolve_mpp(opened, mpp)
+        sources = _pyramid(opened.levels, path, min_level_size)
     except PathflipError:
-        handle.close()
+        opened.close()
         raise
-    sources = _pyramid(arrays, path, min_level_size)
-    native = [float(d) for d in handle.level_downsamples]
-    downsamples = native + [native[-1] * 2.0**i for i in range(1, len(sources) - len(arrays) + 1)]
-
-    if mpp is not None:
-        mpp_xy, source = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp), "user"
-    elif props.get("tiffslide.mpp-x") and props.get("tiffslide.mpp-y"):
-        mpp_xy, source = (float(props["tiffslide.mpp-x"]), float(props["tiffslide.mpp-y"])), "file"
-    else:
-        mpp_xy, source = None, "none"
-    if mpp_xy is not None and not all(math.isfinite(v) and v > 0 for v in mpp_xy):
-        handle.close()
-        raise PathflipError(f"{path}: invalid mpp {mpp_xy}; pass a positive micrometres-per-pixel value.")
-    power = props.get("tiffslide.objective-power")
+    native = list(opened.downsamples)
+    downsamples = native + [native[-1] * 2.0**i for i in range(1, len(sources) - len(native) + 1)]
     return Slide(
         path=path,
         downsamples=downsamples,
-        native_levels=len(arrays),
-        mpp=tuple(float(v) for v in mpp_xy) if mpp_xy else None,
+        native_levels=len(native),
+        mpp=mpp_xy,
         mpp_source=source,
-        objective_power=float(power) if power else None,
-        vendor=props.get("tiffslide.vendor"),
-        fingerprint=fingerprint,
-        properties=props,
-        _handle=handle,
-        _arrays=arrays,
+        mpp_note=note,
+        objective_power=opened.objective_power,
+        vendor=opened.vendor,
+        fingerprint=opened.fingerprint,
+        backend=opened.name,
+        properties=opened.properties,
+        _backend=opened,
         _sources=sources,
         _min_level_size=min_level_size,
     )
 
 
-def _not_a_slide(path: str, exc: Exception) -> PathflipError:
-    return PathflipError(
-        f"cannot open {path}: not a readable whole-slide image ({type(exc).__name__}: {exc}). "
-        "Supported: SVS, tiled TIFF/BigTIFF, NDPI, SCN, BIF, OME-TIFF."
-    )
+def _resolve_mpp(opened: Backend, mpp) -> tuple[tuple[float, float] | None, str, str]:
+    """(mpp, source, note): the user's value, else the file's when believable, else None (pixel units) and why."""
+    if mpp is not None:
+        mpp_xy = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp)
+        if not all(math.isfinite(v) and v > 0 for v in mpp_xy):
+            raise PathflipError(f"{opened.path}: invalid mpp {mpp_xy}; pass a positive micrometres-per-pixel value.")
+        return tuple(float(v) for v in mpp_xy), "user", f"{mpp_xy[0]:g} um/px given by the user"
+    pixel_units = "so the slide is in pixel units"
+    if opened.mpp is None:
+        return None, "none", f"the file states no pixel size, {pixel_units}"
+    mpp_xy = opened.mpp
+    if not all(math.isfinite(v) and v > 0 for v in mpp_xy):
+        return None, "none", f"{opened.mpp_origin} gives an invalid pixel size {mpp_xy}, {pixel_units}"
+    low, high = PLAUSIBLE_MPP
+    if opened.mpp_from_tag and not all(low <= v <= high for v in mpp_xy):
+        return None, "none", (
+            f"{opened.mpp_origin} says {mpp_xy[0]:g} um/px ({25400.0 / mpp_xy[0]:.4g} dpi), not a microscope's "
+            f"resolution ({low:g}-{high:g} um/px), {pixel_units}"
+        )
+    return mpp_xy, "file", f"{mpp_xy[0]:g} um/px from {opened.mpp_origin}"
 
 
 def is_slide_path(path: str | os.PathLike) -> bool:
-    """Whether the name looks like a slide format we read (the reader's first, cheap check)."""
-    return str(path).lower().endswith(SLIDE_SUFFIXES)
+    """Whether the name looks like a slide we read, or a local folder holds DICOM files (the reader's first,
+    cheap check)."""
+    text = os.fspath(path)
+    if text.lower().endswith(SLIDE_SUFFIXES):
+        return True
+    return "://" not in text and os.path.isdir(text) and is_dicom_folder(text)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .errors import PathflipError
+
 # Lower-case, without the final period. These never end a sentence.
 ABBREVIATIONS = frozenset(
     {
@@ -97,3 +99,13 @@ def split_sentences(text: str) -> list[str]:
 def join_sentences(sentences: Sequence[str]) -> str:
     """Join sentences as the spec's `". ".join` does, without doubling a period a sentence already has."""
     return " ".join(s if _ENDS.search(s) else s + "." for s in sentences)
+
+
+def query_text(text: str) -> str:
+    """A typed finding, stripped; a PathflipError when it holds no word (empty, punctuation or emoji only), which
+    the text tower would still map somewhere on the slide with a confident score."""
+    text = (text or "").strip()
+    if not any(character.isalnum() for character in text):
+        what = "an empty query" if not text else f"{text!r} holds no words the model knows"
+        raise PathflipError(f"{what}: type a finding in words, e.g. \"necrosis\" or \"tumour nest\".")
+    return text

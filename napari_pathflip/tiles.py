@@ -1,11 +1,14 @@
 """Where extraction decodes patches straight from a slide file's compressed tiles (its fast reading path).
 
-`TileLevel.open(slide, level)` reads one native TIFF level tile by tile: the raw tile bytes (`os.pread`, so any
-number of threads can read at once) decoded by tifffile's own decoder for that page, with the page's JPEG tables
-and colour space (imagecodecs: libjpeg-turbo for JPEG, OpenJPEG for JPEG 2000, ...). That is the very call the
-slide's zarr store makes for a chunk, so the pixels equal `Slide.read_region`'s. It returns None for what it does
-not read (remote files, computed levels, stripped or planar pages, composed series); the caller then keeps the
-slide reader.
+`TileLevel.open(slide, level)` reads one native level of a slide that tiffslide opened, tile by tile: the raw tile
+bytes (`os.pread`, so any number of threads can read at once) decoded by tifffile's own decoder for that page, with
+the page's JPEG tables and colour space (imagecodecs: libjpeg-turbo for JPEG, OpenJPEG for JPEG 2000, ...). That
+is the very call the slide's zarr store makes for a chunk, so the pixels equal `Slide.read_region`'s. It returns
+None for what it does not read (slides of the other backends, remote files, computed levels, stripped or planar
+pages, composed series); the caller then keeps the slide reader.
+
+The slide's own viewer levels (`backends/tiffslide.py`) decode through a `TileLevel` too, built on the page and the
+file descriptor tiffslide already holds (`TileLevel.of_page`), so the file is opened and parsed once.
 
 `PatchTiles` cuts a known list of patch windows out of a level: each tile is decoded once, when the first window
 needs it, and dropped after the last one has been cut, so tiles shared by neighbouring or overlapping patches are
@@ -17,10 +20,12 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .slide import Slide
+if TYPE_CHECKING:
+    from .slide import Slide
 
 
 class TileUnavailable(Exception):
@@ -31,7 +36,8 @@ class TileUnavailable(Exception):
 class TileLevel:
     """One tiled level of a local TIFF-based slide, read as raw tiles. Thread-safe; close() when done."""
 
-    def __init__(self, path: str, page, level: int):
+    def __init__(self, path: str, page, level: int, fd: int | None = None):
+        """`fd`: an open descriptor of the file to read through (left open by close()); None opens the file."""
         self.path, self.level = path, level
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
         self.tile_height, self.tile_width = int(page.tilelength), int(page.tilewidth)
@@ -44,13 +50,23 @@ class TileLevel:
             self._args["jpegtables"] = page.jpegtables
         if page.jpegheader is not None:  # NDPI
             self._args["jpegheader"] = page.jpegheader
-        self._fd = os.open(path, os.O_RDONLY)
+        self._owns_fd = fd is None
+        self._fd = os.open(path, os.O_RDONLY) if fd is None else fd
+
+    @classmethod
+    def of_page(cls, path: str, page, level: int, fd: int) -> TileLevel | None:
+        """A level read through `fd` from an already parsed tifffile `page`, or None when this reader does not
+        handle the page (stripped, planar, not 8-bit RGB(A), ...)."""
+        if not _decodable_tiles(page):
+            return None
+        page.decode  # noqa: B018 - builds the decoder while the file is open
+        return cls(path, page, level, fd)
 
     @classmethod
     def open(cls, slide: Slide, level: int) -> TileLevel | None:
         """The file's tiles of `level`, or None when this reader does not handle the level (see module doc)."""
-        if "://" in slide.path or level >= slide.native_levels or slide.properties.get(
-                "tiffslide.series-composition"):
+        if (slide.backend != "tiffslide" or "://" in slide.path or level >= slide.native_levels
+                or slide.properties.get("tiffslide.series-composition")):
             return None
         import tifffile
 
@@ -63,8 +79,7 @@ class TileLevel:
             if level >= len(series.levels) or len(series.levels[level].pages) != 1:
                 return None
             page = series.levels[level].pages[0]
-            if not (page.is_tiled and page.tiledepth == 1 and page.planarconfig == 1 and page.bitspersample == 8
-                    and page.samplesperpixel in (3, 4) and page.imagedepth == 1
+            if not (_decodable_tiles(page)
                     and (page.imagewidth, page.imagelength) == tuple(slide.level_dimensions[level])):
                 return None
             page.decode  # noqa: B018 - builds the decoder while the file is open
@@ -98,7 +113,14 @@ class TileLevel:
         return self.decode_raw(index, self.read_raw(index))
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._owns_fd:
+            os.close(self._fd)
+
+
+def _decodable_tiles(page) -> bool:
+    """Whether a tifffile page is what TileLevel reads: one plane of 8-bit RGB(A) tiles, samples interleaved."""
+    return bool(page.is_tiled and page.tiledepth == 1 and page.planarconfig == 1 and page.bitspersample == 8
+                and page.samplesperpixel in (3, 4) and page.imagedepth == 1)
 
 
 class _Tile:

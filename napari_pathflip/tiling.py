@@ -102,8 +102,9 @@ def resolve_mpp(slide: Slide) -> tuple[tuple[float, float], str]:
         value = 10.0 / slide.objective_power  # 20x -> 0.5 um/px, 40x -> 0.25 um/px (the usual scanner optics)
         return (value, value), "objective power"
     raise PathflipError(
-        f"{slide.path}: the file gives neither a pixel size (mpp) nor an objective power, so the patch size at "
-        "20x is unknown. Pass the level-0 pixel size: --mpp 0.5 (20x) or --mpp 0.25 (40x)."
+        f"{slide.path}: {slide.mpp_note or 'the file states no pixel size'}, and the file gives no objective power "
+        "either, so the patch size at the target resolution is unknown. Pass the level-0 pixel size (--mpp 0.5 for "
+        "20x, --mpp 0.25 for 40x) or use a slide whose file records its resolution."
     )
 
 
@@ -178,7 +179,8 @@ def tissue_mask(slide: Slide, config: TilingConfig | None = None) -> tuple[np.nd
 def build_grid(slide: Slide, config: TilingConfig | None = None) -> PatchGrid:
     """The tissue patches of `slide` at `config.target_mpp`, row-major, with level-0 coordinates.
 
-    Raises PathflipError when the slide is smaller than one patch or pixel size cannot be determined.
+    Raises PathflipError when the slide is smaller than one patch, or its pixel size is unknown or too coarse for
+    a patch.
     """
     config = config or TilingConfig()
     # The mask is computed first: it is the first pixel read, so a damaged file fails here naming its tile.
@@ -186,6 +188,13 @@ def build_grid(slide: Slide, config: TilingConfig | None = None) -> PatchGrid:
     mpp, source = resolve_mpp(slide)
     size0 = level0_patch_size(config.patch_size, config.target_mpp, mpp[0], config.snap_tolerance)
     stride0 = level0_patch_size(config.stride or config.patch_size, config.target_mpp, mpp[0], config.snap_tolerance)
+    if min(size0, stride0) < 1:  # a pixel size far coarser than any microscope's (a 72-dpi tag, a mistyped --mpp)
+        raise PathflipError(
+            f"{slide.path}: at {mpp[0]:g} um/px (from {source}) a {config.patch_size}-px patch at "
+            f"{config.target_mpp} um/px is less than one level-0 pixel, so no patch can be cut. Pass the slide's real "
+            "level-0 pixel size (--mpp 0.5 for 20x, --mpp 0.25 for 40x) or use a slide whose file records its "
+            "resolution."
+        )
     width, height = slide.dimensions
     if width < size0 or height < size0:
         raise PathflipError(

@@ -57,7 +57,7 @@ def weights(tmp_path_factory) -> Path:
 
     from napari_pathflip.encoders import BuiltinEncoder
     from napari_pathflip.model import PathFLIP, PathFLIPConfig
-    from napari_pathflip.model.modeling import default_bert_dir
+    from napari_pathflip.model import default_bert_dir
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(default_bert_dir()), local_files_only=True)

@@ -221,7 +221,8 @@ def test_region_loss_leaves_out_another_slides_subcaption_that_is_true_here(monk
 def test_a_frozen_minilm_tower_is_referenced_by_the_saved_weights(tmp_path):
     """freeze_text from all-MiniLM-L6-v2: the weights folder names the installed package instead of holding a copy;
     a tower that trains is saved with the rest."""
-    from napari_pathflip.model.modeling import TEXT_TOWER_PACKAGE, WEIGHTS_NAME
+    from napari_pathflip.model import TEXT_TOWER_PACKAGE
+    from napari_pathflip.weights import MODEL_FILE
 
     small = {"region_patches": 4, "max_patches_per_region": 16}
     frozen = build_model(AlignConfig(init="bert", freeze_text=True, model=small), 8)
@@ -230,7 +231,7 @@ def test_a_frozen_minilm_tower_is_referenced_by_the_saved_weights(tmp_path):
     trained = build_model(AlignConfig(init="bert", freeze_text=False, model=small), 8)
     assert trained.config.text_tower == ""
     trained.save_pretrained(tmp_path / "trained")
-    size = {name: (tmp_path / name / WEIGHTS_NAME).stat().st_size for name in ("frozen", "trained")}
+    size = {name: (tmp_path / name / MODEL_FILE).stat().st_size for name in ("frozen", "trained")}
     assert size["frozen"] < 0.5 * size["trained"]
     reloaded = PathFLIP.from_pretrained(tmp_path / "frozen")
     assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in reloaded.state_dict().items())

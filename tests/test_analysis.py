@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from napari_pathflip.cli import main
+from napari_pathflip.commands import main
 
 def test_ground_writes_geojson_npz_png_from_one_cached_encoding(weights, wsi_dir, tmp_path, capsys):
     slide = str(wsi_dir / "CMU-1-Small-Region.svs")

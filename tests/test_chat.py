@@ -18,9 +18,7 @@ from napari_pathflip.chat import (
     ChatConfig,
     ChatEngine,
     GenerationSettings,
-    build_training_example,
     cap_visual_tokens,
-    collate_training_examples,
     format_choice_prompt,
     option_answer,
     option_shares,
@@ -28,6 +26,7 @@ from napari_pathflip.chat import (
     tokenize_conversation,
 )
 from napari_pathflip.errors import PathflipError
+from training.collate import build_training_example, collate_training_examples
 from training.metrics import vqa_choice
 from training.tiny_llm import IMAGE_TOKEN, TinyLLMConfig, build_tiny_llm, save_llm
 
@@ -519,7 +518,8 @@ def test_areas_layout_gives_each_part_of_the_section_a_slot_of_its_own(llm, toke
     """visual_layout "areas": [slide; 9 area tokens; regions], an area token the mean of the regions in one ninth of
     the tissue (upper left first, zeros where there is none), slot embeddings on the first 10 tokens, saved with the
     projector; a 5 x 4 region grid puts regions (0, 0), (1, 0) in the upper left, (4, 3) in the lower right."""
-    from napari_pathflip.chat import AREA_NAMES, VisualProjector, area_index, visual_tensor
+    from napari_pathflip.chat import VisualProjector, area_index, visual_tensor
+    from napari_pathflip.model.regions import AREA_NAMES
 
     grid = torch.tensor([(c, r) for r in range(4) for c in range(5) if (c, r) not in ((2, 1), (2, 2))]).numpy()
     assert area_index(grid).tolist()[:5] == [0, 0, 1, 2, 2]

@@ -254,14 +254,14 @@ def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, cach
     """A streamed answer drawn in the dock. With the shipped demo weights this is the README's screenshot: the demo
     slide described by the demo chat model (greedy) and one multiple-choice question (ranked); without them, the CMU
     slide and the random fixture model."""
-    from napari_pathflip.analysis import default_chat_dir, default_weights_dir
+    from napari_pathflip.weights import WeightsFolder
     from napari_pathflip.viewer.sample_data import DEMO_SLIDE, sample_data_dir
 
     viewer = make_napari_viewer(show=True)
     dock = ChatDock(viewer)
     viewer.window.add_dock_widget(dock, name="PathFLIP chat", area="right")
-    shipped = default_weights_dir()
-    if (default_chat_dir(shipped) / CONFIG_NAME).is_file():
+    shipped = WeightsFolder.resolve().path
+    if (WeightsFolder(shipped).chat_dir / CONFIG_NAME).is_file():
         slide = sample_data_dir() / DEMO_SLIDE
         viewer.open(str(slide), plugin="napari-pathflip")
         demo = SlideAnalysis(slide, shipped, cache_dir, device="cpu")

@@ -2,14 +2,19 @@
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from napari_pathflip.analysis import SlideAnalysis, default_chat_dir, default_weights_dir
+from napari_pathflip.analysis import SlideAnalysis
+from napari_pathflip.weights import WeightsFolder
 from napari_pathflip.chat import ChatEngine, option_answer
 from training import demo
 from training.metrics import vqa_choice
 from training.synthetic import demo_spec
+
+DATA = Path(__file__).parent / "data"
 
 HEADLINE = ("retrieval_text_to_slide_R@1", "retrieval_slide_to_text_R@1", "region_pointing_sentence",
             "region_pointing_phrase", "region_auroc_sentence", "patch_pointing_sentence", "patch_pointing_phrase",
@@ -46,7 +51,7 @@ def test_quick_demo_writes_loadable_weights_chat_and_metrics(tmp_path):
     assert set(metrics["seconds"]) == {"corpus", "align", "patch_head", "instruct", "evaluate"}
     assert json.loads((out / "pathflip" / "encoder.json").read_text()) == {"encoder": "builtin"}
     # the folders are laid out as the plugin expects: chat beside the weights, both loadable
-    assert default_chat_dir(out / "pathflip") == out / "chat"
+    assert WeightsFolder(out / "pathflip").chat_dir == out / "chat"
     engine = ChatEngine.load(out / "chat", device="cpu")
     assert engine.config.visual_dim == json.loads((out / "pathflip" / "config.json").read_text())["embed_dim"]
     # the corpus is resumable: a second run finds every slide and skips rendering
@@ -57,18 +62,18 @@ def test_quick_demo_writes_loadable_weights_chat_and_metrics(tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    weights = default_weights_dir()
-    if not (weights / "config.json").is_file() or not (default_chat_dir(weights) / "chat_config.json").is_file():
+    weights = WeightsFolder.resolve().path
+    if not (weights / "config.json").is_file() or not (WeightsFolder(weights).chat_dir / "chat_config.json").is_file():
         pytest.fail(f"the demo weights are missing from {weights.parent}: run `python -m training demo`")
     from napari_pathflip.viewer.sample_data import DEMO_SLIDE, sample_data_dir
 
     analysis = SlideAnalysis(sample_data_dir() / DEMO_SLIDE, weights, cache_dir=tmp_path_factory.mktemp("cache"),
                              device="cpu")
-    return analysis, ChatEngine.load(default_chat_dir(weights), device="cpu", merge=True)
+    return analysis, ChatEngine.load(WeightsFolder(weights).chat_dir, device="cpu", merge=True)
 
 
 def test_shipped_metrics_are_what_the_readme_reports(shipped):
-    metrics = json.loads((default_weights_dir().parent / "metrics.json").read_text())
+    metrics = json.loads((WeightsFolder.resolve().path.parent / "metrics.json").read_text())
     # made by the documented run: `python -m training demo --full`
     assert metrics["plan"] == json.loads(json.dumps(demo.FULL.__dict__)) and metrics["recipe"] == "full"
     assert metrics["command"] == "python -m training demo --full"
@@ -128,10 +133,29 @@ def test_shipped_weights_meet_the_floors_on_eight_test_slides(first_test_slides,
     from training.instruct import evaluate_chat
     from training.synth_eval import evaluate_alignment
 
-    weights = default_weights_dir()
+    weights = WeightsFolder.resolve().path
     alignment = evaluate_alignment(weights, first_test_slides)
-    chat = evaluate_chat(default_chat_dir(weights), weights, first_test_slides, out_dir=tmp_path, device="cpu")
+    chat = evaluate_chat(WeightsFolder(weights).chat_dir, weights, first_test_slides, out_dir=tmp_path, device="cpu")
     line = demo.headline(alignment, chat)
     for key, floor in FLOORS.items():
         assert line[key] >= floor, (key, line[key], floor)
     assert line["patch_auroc_paraphrase"] >= line["patch_auroc_phrase"] - 0.05
+    # and exactly the figures these weights gave before the code was last restructured
+    reference = json.loads((DATA / "shipped_eight_slides.json").read_text())
+    assert set(line) == set(reference)
+    for key, value in reference.items():
+        assert line[key] == (None if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+
+
+def test_shipped_weights_give_the_recorded_heatmaps_on_the_demo_slide(shipped):
+    """Patch and region scores and top boxes of seven queries, equal to those recorded with these weights
+    (scripts/shipped_references.py): a restructuring that changes a heatmap fails here."""
+    analysis, _ = shipped
+    with np.load(DATA / "shipped_demo_heatmaps.npz") as reference:
+        queries = sorted({key.rpartition("/")[0] for key in reference.files})
+        assert len(queries) == 7
+        for query in queries:
+            result = analysis.ground(query)
+            np.testing.assert_array_equal(result.patch_scores.astype(np.float32), reference[f"{query}/patch"])
+            np.testing.assert_array_equal(result.region_scores.astype(np.float32), reference[f"{query}/region"])
+            np.testing.assert_array_equal(result.top_boxes.astype(np.float32), reference[f"{query}/boxes"])

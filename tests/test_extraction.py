@@ -83,7 +83,7 @@ def cmu_reference(cmu_path, tmp_path_factory):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "napari_pathflip.cli", "extract", *map(str, args), "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "napari_pathflip.commands", "extract", *map(str, args), "--no-progress"],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=240)
 
 
@@ -398,7 +398,7 @@ def test_progress_returning_false_cancels(cmu_path, tmp_path):
 
 def test_kill_9_mid_run_then_rerun_equals_uninterrupted(big_slide, tmp_path):
     args = [big_slide, "--batch-size", "4", "--chunk-size", "4", "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "napari_pathflip.cli", "extract", *map(str, args), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "napari_pathflip.commands", "extract", *map(str, args), "--out",
                              str(tmp_path / "killed"), "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -459,6 +459,31 @@ def test_unreadable_and_small_slides(wsi_dir, tmp_path):
         extract_features(wsi_dir / "small.svs", tmp_path, config=FAST)
     assert not list(tmp_path.glob("*/manifest.json"))
     assert not list(tmp_path.iterdir())  # nothing was started, nothing is left behind
+
+
+def test_blank_slide_says_no_tissue_was_found(tmp_path):
+    """A slide without tissue fails at extraction, saying so and what to try, instead of an empty store that
+    breaks later."""
+    blank = write_pyramid(tmp_path / "blank.tiff", np.full((2048, 2048, 3), 255, np.uint8), mpp=0.5, levels=3)
+    with pytest.raises(PathflipError, match=r"blank\.tiff: no tissue was found.*lower the tissue threshold "
+                                            r"\(--min-tissue.*different slide"):
+        extract_features(blank, tmp_path / "store", config=FAST)
+    assert not list((tmp_path / "store").glob("*"))  # nothing was started, nothing is left behind
+
+
+def test_cli_cohort_names_each_bad_slide_and_extracts_the_rest(tmp_path, cmu_pixels):
+    """Blank and 72-dpi slides beside a good one: the good one is extracted, each bad one is named with what to do."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    write_pyramid(cohort / "a_blank.tiff", np.full((1024, 1024, 3), 255, np.uint8), mpp=0.5, levels=1)
+    write_pyramid(cohort / "b_screen.tiff", cmu_pixels[:1024, :1024], None, levels=1, dpi=72)
+    write_pyramid(cohort / "c_tissue.tiff", cmu_pixels[1200:1712, 600:1112], mpp=0.5, levels=1)
+    result = _cli(cohort, "--out", tmp_path / "out", "--workers", "0")
+    assert result.returncode == 1, result.stderr
+    assert "1 done, 0 skipped (already complete), 2 failed" in result.stdout
+    failed = [line for line in result.stdout.splitlines() if line.startswith("  FAILED")]
+    assert "a_blank.tiff: no tissue was found" in failed[0] and "--min-tissue" in failed[0]
+    assert "b_screen.tiff" in failed[1] and "72 dpi" in failed[1] and "--mpp 0.5" in failed[1]
 
 
 def test_trident_export_then_import_round_trip(cmu_path, cmu_reference, tmp_path):

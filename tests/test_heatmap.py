@@ -38,6 +38,6 @@ def test_normalise_and_exports(tmp_path):
     assert npz["coords"].shape == (3, 2)
     grid = score_grid(np.array([[0, 0], [256, 0]]), 256, np.array([0.0, 1.0]), (512, 256))
     thumb = np.full((16, 32, 3), 200, np.uint8)
-    image = np.asarray(Image.open(overlay_png(tmp_path / "o.png", thumb, grid, downsample=16, alpha=1.0)))
+    image = np.asarray(Image.open(overlay_png(tmp_path / "o.png", thumb, grid, downsample=16, opacity=1.0)))
     assert image.shape == (16, 32, 3)
     assert image[:, 16:].mean() > image[:, :16].mean()  # the high score is the bright half of 'inferno'

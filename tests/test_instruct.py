@@ -14,21 +14,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_pathflip.chat import IGNORE_INDEX, ChatConfig, ChatEngine, build_training_example, format_choice_prompt
+from napari_pathflip.chat import IGNORE_INDEX, ChatConfig, ChatEngine, format_choice_prompt
 from napari_pathflip.encoders import BuiltinEncoder
 from napari_pathflip.features import FeatureSet, write_h5
 from napari_pathflip.tiling import region_ids
 from training import evaluate as evaluate_cli
+from training.collate import build_training_example
 from training.instruct import (
     InstructConfig,
     choice_answer,
     choice_parts,
     evaluate_chat,
     load_config,
-    lr_at,
     main,
     record_turns,
 )
+from training.schedule import lr_at
 from training.sources import format_choice_question, read_llava_json, read_vqa_csv
 from training.synthetic import make_slide_spec
 from training.tiny_llm import TinyLLMConfig, build_tiny_llm

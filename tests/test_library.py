@@ -15,9 +15,10 @@ import pytest
 import torch
 import zarr
 
-from napari_pathflip.cli import main
+from napari_pathflip.commands import main
 from napari_pathflip.extraction import collect_slides
-from napari_pathflip.library import TABLE, Library, LibraryConfig, index_slides, load_encoding
+from napari_pathflip.library import TABLE, Library, LibraryConfig, index_slides
+from napari_pathflip.model import SlideEncoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 3072  # 12 x 12 patches of 256 px: 9 regions of 4 x 4 patches with the weights below
@@ -100,7 +101,7 @@ def test_index_names_broken_slides_writes_a_zarr_table_and_resumes(slides, extra
     thumbnails = group["thumbnail"][:]
     assert thumbnails.shape == (GOOD, 128, 128, 3) and all(t.std() > 10 for t in thumbnails)  # tissue, not blank
     for row in range(GOOD):
-        encoding = load_encoding(out / str(group["encoding"][row]))
+        encoding = SlideEncoding.load(out / str(group["encoding"][row]), include_features=False)
         assert len(encoding.patch_coords) == group["patches"][row] and encoding.patch_features is None
         assert group["prototype_share"][row].max() <= 1 and group["prototype_patches"][row].sum() > 0
     assert not list((out / "pending").glob("*.npz"))
@@ -135,7 +136,7 @@ def test_search_ranks_as_retrieval_scores_and_the_first_stage_bounds_the_evidenc
     for text, scores in zip(texts, exact):
         # top 1: the first stage picks 2 candidates, the exact scores order them (random weights score every slide
         # alike, so which 2 is the first stage's call; bench_library.py measures its recall with trained ones)
-        with lib._text_cache():
+        with lib.caching_texts():
             candidates = np.argsort(-lib.first_stage([text])[0], kind="stable")[:2]
         assert lib.search(text, top=1)[0].row == candidates[np.argmax(scores[candidates])]
         hits = lib.search(text, top=2)
@@ -213,7 +214,7 @@ def test_sharded_indexing_with_two_torchrun_processes(slides, head_weights, tmp_
     out = tmp_path / "lib"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "napari_pathflip.cli", "index", str(slides), "--out", str(out), "--weights",
+               "-m", "napari_pathflip.commands", "index", str(slides), "--out", str(out), "--weights",
                str(head_weights), "--device", "cpu", "--no-progress"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, "the two broken slides must fail a rank"  # and the others are indexed
@@ -334,15 +335,49 @@ def test_library_panel_indexes_in_a_worker_with_progress_and_cancel(make_napari_
     qtbot.waitUntil(lambda: len(panel.library) == GOOD and panel.query.isEnabled(), timeout=60_000)
 
 
+def test_library_panel_shares_the_workspace_model_when_the_weights_match(make_napari_viewer, library, weights,
+                                                                        extra_slide, monkeypatch, qtbot, tmp_path):
+    """Loading a library and indexing slides use the workspace's PathFLIP when it came from the library's weights
+    (same content id), and load their own otherwise."""
+    from napari_pathflip.analysis import SlideAnalysis
+    from napari_pathflip.library import index, search
+
+    viewer = make_napari_viewer()
+    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
+    panel = workspace.library
+    shared = Library(library).analysis(0)  # on the weights the library was indexed with
+    loads = []
+    for module in (index, search):
+        real = module.load_model
+        monkeypatch.setattr(module, "load_model", lambda *a, real=real, **k: loads.append(a) or real(*a, **k))
+
+    panel.set_analysis(shared)
+    _load(qtbot, panel, library)
+    assert panel.library.model is shared.model and not loads
+    new_slides = tmp_path / "new_slides"
+    new_slides.mkdir()
+    shutil.copy(extra_slide, new_slides / "extra.tiff")
+    panel.folder_edit.setText(str(tmp_path / "new"))
+    workspace.slide.weights_edit.setText(str(shared.weights))
+    with qtbot.waitSignals([panel.indexed, panel.loaded], timeout=120_000):
+        panel.index(str(new_slides))
+    assert len(panel.library) == 1 and panel.library.model is shared.model and not loads
+
+    panel.set_analysis(SlideAnalysis(extra_slide, weights))  # other weights: the library loads its own
+    _load(qtbot, panel, library)
+    assert panel.library.model is not shared.model and panel.library.model is not panel.analysis.model
+    assert len(loads) == 1
+
+
 def test_library_screenshot(make_napari_viewer, qtbot, tmp_path):
     """With PATHFLIP_SCREENSHOT_DIR set, saves docs/screenshots/library.png: a library of synthetic test slides
     searched for "necrosis" with the trained demo weights, the first hit opened with its heatmap."""
     from training.synthetic import SyntheticConfig, make_slide_spec, write_slide
 
-    from napari_pathflip.analysis import default_weights_dir
+    from napari_pathflip.weights import WeightsFolder
     from napari_pathflip.viewer.localize import BOXES, HEATMAP
 
-    trained = default_weights_dir()
+    trained = WeightsFolder.resolve().path
     if not (trained / "config.json").is_file():
         pytest.fail(f"the trained demo weights are missing from {trained}: run `python -m training demo`")
     for seed in range(6):

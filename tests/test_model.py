@@ -241,11 +241,11 @@ def test_demo_weights_encode_the_demo_slide_as_with_projected_cross_attention(tm
     """The shipped demo weights on the demo slide's own features: the same slide and region embeddings."""
     from pathlib import Path
 
-    from napari_pathflip.analysis import default_weights_dir
+    from napari_pathflip.weights import WeightsFolder
     from napari_pathflip.extraction import extract_features
     from napari_pathflip.model.qformer import Attention
 
-    model = PathFLIP.from_pretrained(default_weights_dir())
+    model = PathFLIP.from_pretrained(WeightsFolder.resolve().path)
     demo = Path(__file__).resolve().parents[1] / "sample_data" / "demo_slide.tiff"
     features = extract_features(demo, tmp_path, "builtin", device="cpu")
     new = model.encode_slide(features.features, features.coords, features.patch_size_level0)

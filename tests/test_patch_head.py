@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from napari_pathflip.analysis import default_weights_dir
+from napari_pathflip.weights import WeightsFolder
 from napari_pathflip.model import PathFLIP
 from napari_pathflip.model.patch_head import patch_positions
 from training import patch_head
@@ -72,7 +72,7 @@ def test_shipped_head_grounds_findings_on_new_slides_better_than_attention(tmp_p
     """Six synthetic slides the demo never rendered (test-split layouts, seeds after the demo's 64): the shipped
     weights' patch-text head must rank each finding's patches well and beat the paper's eq. 5 attention."""
     split = make_split(tmp_path, "test", 6, 64, 8192)
-    result = evaluate_alignment(default_weights_dir(), split)
+    result = evaluate_alignment(WeightsFolder.resolve().path, split)
     for kind in ("sentence", "phrase"):
         head, attention = result[f"grounding_{kind}"], result[f"grounding_{kind}_attention"]
         assert head["patch"]["auroc_mean"] >= 0.75, (kind, head["patch"])

@@ -155,3 +155,17 @@ def test_unreadable_slide_names_the_tile(wsi_dir):
     with open_slide(wsi_dir / "unreadable.svs") as slide:
         with pytest.raises(PathflipError, match=r"unreadable\.svs: level 0 pixels x 0-16, y 0-16"):
             build_grid(slide)
+
+
+def test_72_dpi_pyramid_asks_for_the_pixel_size_instead_of_dividing_by_zero(tmp_path, cmu_pixels):
+    path = write_pyramid(tmp_path / "screen.tif", cmu_pixels[:1024, :1024], None, dpi=72)
+    with open_slide(path) as slide:
+        assert slide.mpp is None
+        with pytest.raises(PathflipError, match=r"72 dpi.*pixel units.*--mpp 0\.5.*records its resolution"):
+            build_grid(slide)
+    # the tag's value given by hand: a patch would be 0 px at level 0
+    with open_slide(path, mpp=352.8) as slide:
+        with pytest.raises(PathflipError, match=r"352\.8 um/px \(from user\).*less than one level-0 pixel.*--mpp"):
+            build_grid(slide)
+    with open_slide(path, mpp=0.5) as slide:
+        assert build_grid(slide, TilingConfig(min_tissue_fraction=0.0)).patch_size_level0 == 256

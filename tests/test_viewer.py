@@ -92,12 +92,19 @@ def test_demo_slide_sample(viewer):
 
 
 def test_workspace_widget_describes_selected_slide(viewer, wsi_dir, qtbot):
+    from qtpy.QtCore import Qt
+    from qtpy.QtGui import QTextDocument
+
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN)
-    assert "No slide" in widget.status.text()
+    info = widget.slide.info
+    shown = QTextDocument()
+    shown.setHtml(info.text())
+    # what the label renders, not its markup (a plain-text label showed "File &gt; Open")
+    assert info.textFormat() == Qt.TextFormat.RichText and "No slide open. Open one (File > Open)" in shown.toPlainText()
     viewer.open(str(wsi_dir / "CMU-1-Small-Region.svs"), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: "2220 x 2967" in widget.status.text(), timeout=3000)
-    assert "0.499 um/px (file)" in widget.status.text() and "objective: 20x" in widget.status.text()
-    widget.open_demo.click()
+    qtbot.waitUntil(lambda: "2220 x 2967" in info.text(), timeout=3000)
+    assert "0.499 um/px (file)" in info.text() and "objective: 20x" in info.text()
+    widget.slide.open_demo.click()
     assert "PathFLIP demo slide" in viewer.layers
 
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from napari_pathflip.errors import PathflipError
 from napari_pathflip.model import PathFLIP, PathFLIPConfig, default_bert_dir
-from napari_pathflip.model.modeling import TEXT_TOWER_PACKAGE, WEIGHTS_NAME
+from napari_pathflip.model import TEXT_TOWER_PACKAGE
+from napari_pathflip.weights import MODEL_FILE
 from napari_pathflip.viewer.sample_data import sample_data_dir
 
 TEXTS = ["necrosis", "A large tumour nest occupies the upper left part of the section.", "a 3.5 cm tumour, grade 2"]
@@ -37,11 +38,11 @@ def test_frozen_text_tower_is_referenced_not_stored_and_reloads_bit_for_bit(tmp_
     model = _aligned_model(TEXT_TOWER_PACKAGE)
     model.save_pretrained(referenced, dtype=torch.float16)
 
-    stored = load_file(str(referenced / WEIGHTS_NAME))
+    stored = load_file(str(referenced / MODEL_FILE))
     assert not set(model.text_tower_keys()) & set(stored)  # no copy of the tower
     assert any(k.endswith("ffn_query.fc1.weight") for k in stored)  # the query feed-forwards train: stored
     assert not (referenced / "tokenizer.json").exists() and (full / "tokenizer.json").exists()
-    assert (referenced / WEIGHTS_NAME).stat().st_size < 0.5 * (full / WEIGHTS_NAME).stat().st_size
+    assert (referenced / MODEL_FILE).stat().st_size < 0.5 * (full / MODEL_FILE).stat().st_size
 
     a, b = PathFLIP.from_pretrained(full), PathFLIP.from_pretrained(referenced)
     assert a.state_dict().keys() == b.state_dict().keys()
@@ -58,10 +59,10 @@ def test_a_different_text_tower_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "weights")
     assert PathFLIP.from_pretrained(tmp_path / "weights").config.text_tower == str(tower)
 
-    state = load_file(str(tower / WEIGHTS_NAME))
+    state = load_file(str(tower / MODEL_FILE))
     key = next(k for k in state if k.endswith("attention.self.query.weight"))
     state[key] = state[key] + 1e-3  # someone else's fine-tuned copy in the same place
-    save_file(state, str(tower / WEIGHTS_NAME))
+    save_file(state, str(tower / MODEL_FILE))
     with pytest.raises(PathflipError, match="not the one these weights were trained with"):
         PathFLIP.from_pretrained(tmp_path / "weights")
 
@@ -70,4 +71,4 @@ def test_shipped_demo_weights_store_only_what_was_trained():
     folder = sample_data_dir() / "weights" / "pathflip"
     model = PathFLIP.from_pretrained(folder)
     assert model.config.text_tower == TEXT_TOWER_PACKAGE
-    assert not set(model.text_tower_keys()) & set(load_file(str(folder / WEIGHTS_NAME)))
+    assert not set(model.text_tower_keys()) & set(load_file(str(folder / MODEL_FILE)))

@@ -12,8 +12,10 @@ from napari.utils.notifications import notification_manager
 from PIL import Image
 from qtpy.QtCore import QTimer
 
-from napari_pathflip.analysis import default_weights_dir
+from napari_pathflip.heatmap import ScoreGrid, overlay_png
+from napari_pathflip.slide import open_slide
 from napari_pathflip.viewer.localize import BOXES, HEATMAP
+from napari_pathflip.weights import WeightsFolder
 from napari_pathflip.viewer.tasks import LatestRunner
 
 PLUGIN = "napari-pathflip"
@@ -56,7 +58,7 @@ def _open_and_analyze(viewer, workspace, qtbot, timeout=90_000):
 def _type(qtbot, localize, text, timeout=30_000):
     """Type `text` and wait for the heatmap of the chosen level (region level paints first, patches follow)."""
     localize.query.clear()
-    level = localize.level_box.currentText()
+    level = localize.detail_box.currentText()
     with qtbot.waitSignal(localize.heatmap_updated, timeout=timeout,
                           check_params_cb=lambda query, shown: query == text and shown == level):
         qtbot.keyClicks(localize.query, text)
@@ -117,7 +119,7 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
     frozen = pinned.data.copy()
 
     # region level: one cell per 4096-px region, placed with the same convention
-    localize.level_box.setCurrentText("regions")
+    localize.detail_box.setCurrentText("regions")
     qtbot.waitUntil(lambda: viewer.layers[HEATMAP].data.shape == (side, side), timeout=30_000)
     assert tuple(heat.scale) == pytest.approx((REGION * MPP,) * 2)
     assert tuple(heat.translate) == pytest.approx(((REGION - 1) / 2 * MPP,) * 2)
@@ -136,7 +138,23 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
     with np.load(written[".npz"], allow_pickle=False) as scores:
         assert scores["patch_coords"].shape == (len(scores["patch_scores"]), 2)
         assert scores["region_boxes"].shape == (side * side, 4) and np.isclose(scores["region_scores"].sum(), 1, atol=1e-4)
-    assert Image.open(written[".png"]).size[0] > 100
+    # the exports hold the heatmap on screen: its grid, and the PNG blends it at the panel's threshold and opacity
+    with np.load(written[".npz"], allow_pickle=False) as scores:
+        np.testing.assert_array_equal(scores["heatmap"], heat.data)
+        assert scores["heatmap_cell"] == REGION and scores["threshold"] == pytest.approx(0.5)
+    png = np.asarray(Image.open(written[".png"]))
+    with open_slide(localize.analysis.slide_path) as demo:
+        level = len(demo.levels) - 1
+        thumbnail = demo.read_region((0, 0), level, demo.level_dimensions[level])
+        downsample = demo.downsamples[level]
+    expected = Image.open(overlay_png(tmp_path / "expected.png", thumbnail, ScoreGrid(heat.data, REGION),
+                                      downsample, opacity=0.4, threshold=0.5))
+    np.testing.assert_array_equal(png, np.asarray(expected))
+    rows = np.minimum(np.arange(png.shape[0]) * downsample // REGION, side - 1).astype(int)
+    cols = np.minimum(np.arange(png.shape[1]) * downsample // REGION, side - 1).astype(int)
+    shown = heat.data[rows[:, None], cols[None, :]] > 0.5
+    painted = np.any(png != thumbnail[..., :3], axis=-1)
+    assert painted.any() and not painted[~shown].any()  # colour only where the layer shows the heatmap
 
 
 def test_box_click_on_canvas_zooms_unless_already_inside(viewer, weights, cache, qtbot):
@@ -261,8 +279,8 @@ def _overlay_difference(a, b) -> float:
 def test_screenshot_shows_the_heatmap(viewer, weights, cache, qtbot, tmp_path):
     """The overlay is visibly rendered; with PATHFLIP_SCREENSHOT_DIR set, saves the README screenshots (with the
     trained demo weights when they exist)."""
-    trained = (default_weights_dir() / "config.json").is_file()
-    workspace = _workspace(viewer, default_weights_dir() if trained else weights, cache)
+    trained = (WeightsFolder.resolve().path / "config.json").is_file()
+    workspace = _workspace(viewer, WeightsFolder.resolve().path if trained else weights, cache)
     out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
     out.mkdir(parents=True, exist_ok=True)
     viewer.window.resize(1500, 950)
@@ -288,7 +306,7 @@ def test_necrosis_heatmap_peak_lies_on_the_true_region(viewer, cache, qtbot):
     the weights' patch-text head (training/patch_head.py) is what finds it."""
     from training.synthetic import demo_spec
 
-    trained = default_weights_dir()
+    trained = WeightsFolder.resolve().path
     if not (trained / "config.json").is_file():
         pytest.fail(f"the trained demo weights are missing from {trained}: run `python -m training demo` "
                     "(it writes sample_data/weights/pathflip) and run this test again")

@@ -13,6 +13,7 @@ COMMANDS = {
     "patch-head": ("training.patch_head", "train the patch-text grounding head on frozen PathFLIP weights"),
     "demo": ("training.demo", "rebuild sample_data/weights (corpus, align, instruct, evaluate) in one command"),
     "evaluate": ("training.evaluate", "evaluate retrieval, zero-shot, VQA, captions, grounding"),
+    "protocol": ("training.protocols", "the paper's protocols on h5 features: zeroshot, vqa, captions, retrieval"),
 }
 
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from napari_pathflip.errors import PathflipError
 from training.data import AlignmentDataset, FeatureSlides, collate_alignment
+from training.schedule import lr_at
 from training.text import SubcaptionConfig
 
 PATH_FIELDS = ("features", "captions", "out_dir", "bert_dir", "init_weights")
@@ -206,8 +207,7 @@ def standardize_patch_proj(model, mean: torch.Tensor, std: torch.Tensor) -> None
 
 def build_model(config: AlignConfig, patch_dim: int, slides=None):
     """The PathFLIP model to train (random parts seeded by config.seed); `slides` feed standardize_patches."""
-    from napari_pathflip.model import PathFLIP, PathFLIPConfig
-    from napari_pathflip.model.modeling import TEXT_TOWER_PACKAGE, _load_tokenizer, default_bert_dir
+    from napari_pathflip.model import TEXT_TOWER_PACKAGE, PathFLIP, PathFLIPConfig, default_bert_dir, load_tokenizer
 
     torch.manual_seed(config.seed)
     if config.init == "weights":
@@ -232,7 +232,7 @@ def build_model(config: AlignConfig, patch_dim: int, slides=None):
         if config.freeze_text:  # the tower stays the BERT's: the weights folder refers to it instead of a copy
             model.config.text_tower = str(bert_dir.resolve()) if config.bert_dir else TEXT_TOWER_PACKAGE
     else:
-        model = PathFLIP(model_config, _load_tokenizer(bert_dir))
+        model = PathFLIP(model_config, load_tokenizer(bert_dir))
     if config.standardize_patches and slides is not None:
         standardize_patch_proj(model, *feature_statistics(slides))
     return freeze_text_tower(model) if config.freeze_text else model.train()
@@ -249,13 +249,9 @@ def freeze_text_tower(model):
 
 
 def lr_factor(step: int, config: AlignConfig, total_steps: int) -> float:
-    """Multiplier of config.lr at an optimiser step: linear warmup from warmup_start_lr, cosine to min_lr."""
-    if step < config.warmup_steps:
-        lr = config.warmup_start_lr + (config.lr - config.warmup_start_lr) * step / config.warmup_steps
-    else:
-        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-        lr = config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
-    return lr / config.lr
+    """Multiplier of config.lr at an optimiser step (training.schedule: warmup from warmup_start_lr, cosine to
+    min_lr); each parameter group's lr is config.lr times its scale times this."""
+    return lr_at(step, config.lr, total_steps, config.warmup_steps, config.warmup_start_lr, config.min_lr) / config.lr
 
 
 def from_bert(name: str) -> bool:

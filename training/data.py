@@ -32,9 +32,7 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 from napari_pathflip.chat import option_answer
 from napari_pathflip.errors import PathflipError
 from napari_pathflip.features import FeatureSet, read_h5, write_h5
+from napari_pathflip.files import atomic_write, atomic_write_text
 from napari_pathflip.model import SlideInput
 from training.sources import (CAPTION_COLUMNS, OPTION_LETTERS, VQA_COLUMNS, Record, format_choice_question,
                               slide_key)
@@ -57,27 +56,6 @@ ProgressFn = Callable[[int, int, str], None]  # (slides done, total, slide id)
 
 def slide_name(split: str, seed: int) -> str:
     return f"synth-{split}-{seed:04d}"
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(tmp)` beside `path`, then rename: a file is either whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are shareable data files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -------------------------------------------------------------------------------------------- synthetic corpus
@@ -134,7 +112,7 @@ def _write_npz(path: Path, arrays: dict) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def build_slide(spec, out_dir: str | Path, slide_id: str, encoder, *, batch_size: int = 128,
@@ -214,10 +192,10 @@ def write_text_files(split_dir: str | Path, slide_ids: Sequence[str]) -> None:
         writer.writerows(rows)
         return buffer.getvalue()
 
-    _write_text(split_dir / "captions.csv", csv_text(CAPTION_COLUMNS, captions))
-    _write_text(split_dir / "vqa.csv", csv_text(VQA_COLUMNS, vqa))
-    _write_text(split_dir / "instruct.json", json.dumps(conversations + dialogues, indent=1) + "\n")
-    _write_text(split_dir / "facts.json", json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(split_dir / "captions.csv", csv_text(CAPTION_COLUMNS, captions))
+    atomic_write_text(split_dir / "vqa.csv", csv_text(VQA_COLUMNS, vqa))
+    atomic_write_text(split_dir / "instruct.json", json.dumps(conversations + dialogues, indent=1) + "\n")
+    atomic_write_text(split_dir / "facts.json", json.dumps(facts, indent=1, sort_keys=True) + "\n")
 
 
 def slide_config(config, split: str, seed: int, sizes: Sequence[int] | None):

@@ -49,8 +49,8 @@ class DemoPlan:
 QUICK = DemoPlan(train_slides=8, test_slides=4, slide_sizes=(3072,), align_steps=3, pretrain_steps=4,
                  lora_steps=3, patch_head_steps=3)
 # `--full`: the shipped weights. Three times the slides, in four sizes and shapes (the demo slide's 8,192 px among
-# them), twice the alignment, 2.5 times the patch-head steps, more chat steps over multi-turn dialogues; 46 minutes
-# on 2 CPU cores with the synthetic corpus already built (2026-12-02), plus the corpus's own time on a fresh run
+# them), twice the alignment, 2.5 times the patch-head steps, more chat steps over multi-turn dialogues (its time:
+# metrics.json "seconds" and the README)
 FULL = DemoPlan(train_slides=384, test_slides=64, slide_sizes=(6144, 8192, 10240, 12288), align_steps=1000,
                 pretrain_steps=1500, lora_steps=30, patch_head_steps=1500)
 RECIPES = {"demo": DemoPlan(), "full": FULL, "quick": QUICK}

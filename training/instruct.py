@@ -6,7 +6,7 @@
 Data flow. Every slide named by the records is encoded once by the frozen PathFLIP model exactly as the plugin does
 (`encode_slide` on the slide's CLAM/TRIDENT .h5 features), and its visual rows [slide; regions] are cached
 (run folder, visual_tokens.safetensors). Records (LLaVA-style JSON and/or SlideBench CSVs) become chat conversations
-built by `napari_pathflip.chat.build_training_example`, so training prompts equal inference prompts token for token;
+built by `training.collate.build_training_example`, so training prompts equal inference prompts token for token;
 the loss is on answer tokens (+ EOS) only. Multiple-choice turns are re-rendered with the chat engine's own choice
 prompt and their targets rewritten to "<letter>. <short reason>" (the option text when the source gives no reason),
 so the SlideBench rule (text up to the first "." equals the letter) scores the answers the model learns to give.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import re
@@ -53,16 +52,17 @@ from napari_pathflip.chat import (
     GenerationSettings,
     TokenizedConversation,
     VisualProjector,
-    build_training_example,
     cap_visual_tokens,
-    collate_training_examples,
     format_choice_prompt,
     projector_slots,
     splice_visual,
     visual_tensor,
 )
 from napari_pathflip.errors import PathflipError
+from napari_pathflip.weights import WeightsFolder, resolve_device
 from training import metrics
+from training.collate import build_training_example, collate_training_examples
+from training.schedule import lr_at
 from training.sources import Record, read_records
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -170,13 +170,6 @@ def load_config(path: str | Path, **overrides) -> InstructConfig:
 
 
 # ------------------------------------------------------------------------------------------ visual tokens
-def _weights_key(weights: Path) -> str:
-    """Identity of a weights folder for the visual-token cache (a retrained model gets a new key)."""
-    files = sorted(p for p in weights.iterdir() if p.suffix in {".json", ".safetensors"})
-    stat = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps([str(weights.resolve()), stat]).encode()).hexdigest()[:16]
-
-
 def encode_slides(model, features_dir: str | Path, slide_ids, patch_size_level0: int = 0,
                   cache: str | Path | None = None, cache_key: str = "",
                   layout: str = "regions") -> dict[str, torch.Tensor]:
@@ -266,14 +259,6 @@ def read_all_records(paths) -> list[Record]:
 
 
 # --------------------------------------------------------------------------------------------- optimisation
-def lr_at(step: int, peak: float, total: int, warmup: int, start: float, floor: float) -> float:
-    """Linear warmup from `start` to `peak` over `warmup` steps, then cosine from `peak` to `floor` at `total`."""
-    if step < warmup:
-        return start + (peak - start) * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-
-
 def batch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Positions start .. start + count of an endless stream of shuffled epochs over n examples; each epoch's
     order depends only on (seed, epoch), so a resumed run sees exactly the batches a straight run sees."""
@@ -456,10 +441,6 @@ def standardized_projector(rows: torch.Tensor, hidden: int, scale: float, slots:
     return projector
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
 def _load_llm(cfg: InstructConfig, records: list[Record], chat: ChatConfig):
     """(llm, tokenizer): a local folder (never remote code), or the tiny Qwen3 whose tokenizer learns the corpus."""
     if cfg.llm:
@@ -490,7 +471,7 @@ def train(cfg: InstructConfig) -> Path:
 
     from napari_pathflip.model import PathFLIP
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     log = _Log(cfg.run_dir / "log.jsonl")
     weights = cfg.path(cfg.weights)
     if not cfg.weights or not weights.is_dir():
@@ -500,7 +481,7 @@ def train(cfg: InstructConfig) -> Path:
     chat = ChatConfig(**{**cfg.chat, "visual_dim": pathflip.config.embed_dim})
     started = time.perf_counter()
     rows = encode_slides(pathflip, cfg.path(cfg.features), [r.slide_id for r in records], cfg.patch_size_level0,
-                         cfg.run_dir / VISUAL_CACHE, f"{_weights_key(weights)}:{cfg.path(cfg.features)}",
+                         cfg.run_dir / VISUAL_CACHE, f"{WeightsFolder(weights).id}:{cfg.path(cfg.features)}",
                          chat.visual_layout)
     del pathflip
     log(event="encoded", slides=len(rows), seconds=round(time.perf_counter() - started, 1))
@@ -580,8 +561,7 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
 
     split_dir = Path(split_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(chat_dir) / "eval" / split_dir.name
-    dev = _device(device)
-    engine = ChatEngine.load(chat_dir, llm_dir=llm_dir, device=dev, merge=True)
+    engine = ChatEngine.load(chat_dir, llm_dir=llm_dir, device=device, merge=True)
     questions = read_vqa_csv(split_dir / "vqa.csv") if (split_dir / "vqa.csv").is_file() else []
     captions = read_caption_csv(split_dir / "captions.csv") if (split_dir / "captions.csv").is_file() else []
     if not questions and not captions:
@@ -590,7 +570,7 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
     keep = set(slides)
     questions = [q for q in questions if q.slide_id in keep]
     captions = [c for c in captions if c.slide_id in keep]
-    pathflip = PathFLIP.from_pretrained(weights_dir, device=dev)
+    pathflip = PathFLIP.from_pretrained(weights_dir, device=resolve_device(device))
     started = time.perf_counter()
     rows = encode_slides(pathflip, features_dir or split_dir / "features", slides, patch_size_level0,
                          layout=engine.config.visual_layout)

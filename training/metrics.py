@@ -14,7 +14,10 @@ from typing import Sequence
 import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from rouge_score import rouge_scorer
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import f1_score
+
+# AUROC and the pointing game live in the core: napari_pathflip.annotations scores a heatmap against annotations
+from napari_pathflip.annotations import auroc, pointing_hit
 
 # ----------------------------------------------------------------------------------------------- retrieval
 
@@ -50,14 +53,6 @@ def retrieval_recall(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> 
 # ----------------------------------------------------------------------------------------------- zero-shot
 
 
-def _auroc(truth: np.ndarray, scores: np.ndarray) -> float | None:
-    """Binary AUROC, or None when the truth holds a single class (AUROC undefined)."""
-    truth = np.asarray(truth, dtype=bool)
-    if truth.all() or not truth.any():
-        return None
-    return float(roc_auc_score(truth, np.asarray(scores, dtype=np.float64)))
-
-
 def zero_shot_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy, one-vs-rest macro AUROC and macro F1 from class scores [S, C] (probabilities or logits).
 
@@ -71,7 +66,7 @@ def zero_shot_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
     if labels.min() < 0 or labels.max() >= scores.shape[1]:
         raise ValueError(f"labels must lie in 0..{scores.shape[1] - 1}")
     predicted = scores.argmax(axis=1)
-    per_class = [_auroc(labels == c, scores[:, c]) for c in range(scores.shape[1])]
+    per_class = [auroc(labels == c, scores[:, c]) for c in range(scores.shape[1])]
     defined = [a for a in per_class if a is not None]
     return {
         "n": int(labels.size),
@@ -184,18 +179,10 @@ def box_mask_fraction(mask: np.ndarray, downsample: float, boxes: np.ndarray) ->
     return np.where(area > 0, inside / np.maximum(area, 1), 0.0)
 
 
-def pointing_hit(scores: np.ndarray, truth: np.ndarray) -> bool:
-    """Pointing game for one query: the top-scoring item lies in the finding. Ties count only if all tied top
-    items are inside (conservative: a flat heatmap does not score)."""
-    scores, truth = np.asarray(scores, dtype=np.float64), np.asarray(truth, dtype=bool)
-    top = scores == scores.max()
-    return bool(truth[top].all())
-
-
 def _grounding_level(scores: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> dict:
     scorable = [(s, t) for s, t in zip(scores, truth) if np.asarray(t, dtype=bool).any()]
-    aurocs = [a for a in (_auroc(t, s) for s, t in scorable) if a is not None]
-    pooled = _auroc(np.concatenate([t for _, t in scorable]), np.concatenate([s for s, _ in scorable])) \
+    aurocs = [a for a in (auroc(t, s) for s, t in scorable) if a is not None]
+    pooled = auroc(np.concatenate([t for _, t in scorable]), np.concatenate([s for s, _ in scorable])) \
         if scorable else None
     return {
         "n_queries": len(scores),

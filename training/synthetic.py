@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from napari_pathflip.model.regions import AREA_NAMES as POSITIONS  # the layout's 3 x 3 positions are the areas
+
 CLASSES = ("background", "tumour", "necrosis", "stroma", "lymphocytes", "fat", "normal_glands")
 BACKGROUND, TUMOUR, NECROSIS, STROMA, LYMPHOCYTES, FAT, NORMAL_GLANDS = range(len(CLASSES))
 # RGB of each class in the palette mask PNG
 PALETTE = ((255, 255, 255), (200, 30, 40), (240, 200, 40), (240, 150, 190), (60, 60, 200), (250, 240, 170),
            (40, 170, 90))
-POSITIONS = ("upper left", "upper central", "upper right", "left", "central", "right", "lower left", "lower central",
-             "lower right")
 SPLITS = ("train", "val", "test")
 
 BANK = 1984  # texture bank side: divisible by 64 (coarse levels) but not by 256, so grid patches hit new crops
@@ -312,7 +312,7 @@ _TEXTURES = (_tex_background, _tex_tumour, _tex_necrosis, _tex_stroma, _tex_lymp
 
 
 @functools.lru_cache(maxsize=1)
-def _index_banks() -> np.ndarray:
+def index_banks() -> np.ndarray:
     """(classes, BANK, BANK) uint16 index into the stain lookup table: h level * _LEVELS + e level."""
     banks = np.empty((len(CLASSES), BANK, BANK), np.uint16)
     for cls, render in enumerate(_TEXTURES):
@@ -358,7 +358,7 @@ class Stain:
 @functools.lru_cache(maxsize=2)
 def _rgb_banks(stain: Stain) -> dict[int, np.ndarray]:
     """RGB banks for one slide stain at downsample 1 (others are added lazily by `_bank_at`)."""
-    return {1: stain.lookup_table()[_index_banks()]}
+    return {1: stain.lookup_table()[index_banks()]}
 
 
 def _bank_at(stain: Stain, ds: int) -> np.ndarray:

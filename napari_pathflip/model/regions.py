@@ -1,4 +1,5 @@
-"""Regions from patch coordinates: region index = floor(coord / region size) per axis, padded with a mask."""
+"""Regions from patch coordinates: region index = floor(coord / region size) per axis, padded with a mask; where a
+region lies in the section (its position, and which of the nine areas holds it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PathflipError
+
+# The nine areas of a section, 3 x 3 over the extent of its tissue, in reading order: how captions name places, and
+# the area tokens of the chat's "areas" visual layout.
+AREA_NAMES = ("upper left", "upper central", "upper right", "left", "central", "right", "lower left", "lower central",
+              "lower right")
 
 
 @dataclass
@@ -32,6 +38,12 @@ def region_positions(grid: np.ndarray) -> np.ndarray:
     grid = np.asarray(grid, dtype=np.float64)
     low, high = grid.min(0), grid.max(0)
     return ((grid - low + 0.5) / (high - low + 1)).astype(np.float32)
+
+
+def area_of(positions: np.ndarray) -> np.ndarray:
+    """[N] int64 index into AREA_NAMES of each (x, y) position in (0, 1) (`region_positions`)."""
+    cell = np.minimum((np.asarray(positions, dtype=np.float32) * 3).astype(np.int64), 2)  # (column, row)
+    return cell[:, 1] * 3 + cell[:, 0]
 
 
 def group_regions(coords, patch_size_level0: int, region_patches: int = 16,

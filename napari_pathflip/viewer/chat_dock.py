@@ -1,15 +1,15 @@
 """The chat dock: talk with the analysed slide through the chat model beside its PathFLIP weights.
 
 The dock only calls the core (`ChatEngine`, `Conversation`, `SlideAnalysis.prepare`). Model loading and every answer
-run in napari thread workers; the GUI thread only moves text into the transcript. The transcript is kept as a list of
-turns and rendered as Markdown, so what is shown, copied and saved is the same text.
+run in background workers (tasks.run_in_background, as in the other panels; failures read as tasks.user_message says);
+the GUI thread only moves text into the transcript. The transcript is kept as a list of turns and rendered as
+Markdown, so what is shown, copied and saved is the same text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -31,11 +31,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..analysis import default_chat_dir
 from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings, ranking_note
 from ..errors import PathflipError
-
-log = logging.getLogger(__name__)
+from .tasks import run_in_background, user_message
 
 USER, ASSISTANT = "You", "PathFLIP"
 OPTION_LETTERS = "ABCD"
@@ -79,39 +77,26 @@ def turns_markdown(turns: list[Turn], cursor: bool = False) -> str:
 
 
 # ------------------------------------------------------------------------------------- worker functions
-@dataclasses.dataclass
-class _Failed:
-    """A worker's failure, returned rather than raised (the dock turns it into a notification and stays usable;
-    superqt would treat a returned exception object as a crash)."""
-    error: Exception
-
-
 def _load_chat(analysis, folder: Path, llm_dir: Path | None, device: str | None, engine: ChatEngine | None):
     """Worker: the engine (reused when given), the slide encoding shared with Localize, a new conversation."""
-    try:
-        if engine is None:
-            engine = ChatEngine.load(folder, llm_dir=llm_dir, device=device, merge=True)
-            if engine.fast:  # compile and capture the CUDA graph now, not on the user's first question
-                engine.warmup()
-        return engine, engine.conversation(analysis.prepare())
-    except Exception as exc:
-        return _Failed(exc)
+    if engine is None:
+        engine = ChatEngine.load(folder, llm_dir=llm_dir, device=device, merge=True)
+        if engine.fast:  # compile and capture the CUDA graph now, not on the user's first question
+            engine.warmup()
+    return engine, engine.conversation(analysis.prepare())
 
 
 def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event, choice=None):
-    """Worker generator: text pieces of one answer, then returns the ChatAnswer (or _Failed). `choice`:
-    (question, options) of a multiple-choice question, answered by `Conversation.stream_choice`."""
-    try:
-        stream = conversation.stream_choice(*choice, settings) if choice else conversation.stream(prompt, settings)
-        if stop.is_set():
+    """Worker generator: text pieces of one answer, then returns the ChatAnswer. `choice`: (question, options) of a
+    multiple-choice question, answered by `Conversation.stream_choice`."""
+    stream = conversation.stream_choice(*choice, settings) if choice else conversation.stream(prompt, settings)
+    if stop.is_set():
+        stream.cancel()
+    for piece in stream:
+        if stop.is_set():  # seen before the next token is decoded
             stream.cancel()
-        for piece in stream:
-            if stop.is_set():  # seen before the next token is decoded
-                stream.cancel()
-            yield piece
-        return stream.answer
-    except Exception as exc:
-        return _Failed(exc)
+        yield piece
+    return stream.answer
 
 
 def _unless_deleted(slot):
@@ -126,14 +111,18 @@ def _unless_deleted(slot):
     return guarded
 
 
-def _user_message(exc: Exception) -> str:
-    if isinstance(exc, PathflipError):
-        return str(exc)
-    if "out of memory" in str(exc).lower():
-        return (f"the chat model ran out of memory ({exc}); use a smaller LLM, lower max_visual_tokens in "
-                f"{CONFIG_NAME}, or run on the CPU")
-    log.error("chat failed", exc_info=exc)
-    return f"chat failed: {type(exc).__name__}: {exc}"
+def _button(text: str, slot, tip: str = "") -> QPushButton:
+    button = QPushButton(text)
+    button.setToolTip(tip)
+    button.clicked.connect(slot)
+    return button
+
+
+def _row(*widgets: QWidget) -> QHBoxLayout:
+    row = QHBoxLayout()
+    for widget in widgets:
+        row.addWidget(widget)
+    return row
 
 
 def _foldable(title: str) -> tuple[QGroupBox, QFormLayout]:
@@ -199,29 +188,16 @@ class ChatDock(QWidget):
         self.question = QLineEdit()
         self.question.setMaxLength(MAX_INPUT_CHARS)
         self.question.returnPressed.connect(self.send)
-        self.send_button = QPushButton("Send")
-        self.send_button.clicked.connect(self.send)
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop generating this answer")
-        self.stop_button.clicked.connect(self.stop)
-        ask_row = QHBoxLayout()
-        for widget in (self.question, self.send_button, self.stop_button):
-            ask_row.addWidget(widget)
+        self.send_button = _button("Send", self.send)
+        self.stop_button = _button("Stop", self.stop, "Stop generating this answer")
+        ask_row = _row(self.question, self.send_button, self.stop_button)
 
-        self.describe_button = QPushButton("Describe slide")
-        self.describe_button.setToolTip("Ask the model for a caption: diagnosis and key findings")
-        self.describe_button.clicked.connect(self.describe)
-        self.new_button = QPushButton("New chat")
-        self.new_button.clicked.connect(self.new_chat)
-        self.copy_button = QPushButton("Copy")
-        self.copy_button.setToolTip("Copy the transcript (Markdown) to the clipboard")
-        self.copy_button.clicked.connect(self.copy_transcript)
-        self.save_button = QPushButton("Save…")
-        self.save_button.setToolTip("Save the transcript as a Markdown file")
-        self.save_button.clicked.connect(lambda: self.save_transcript())
-        action_row = QHBoxLayout()
-        for widget in (self.describe_button, self.new_button, self.copy_button, self.save_button):
-            action_row.addWidget(widget)
+        self.describe_button = _button("Describe slide", self.describe,
+                                       "Ask the model for a caption: diagnosis and key findings")
+        self.new_button = _button("New chat", self.new_chat)
+        self.copy_button = _button("Copy", self.copy_transcript, "Copy the transcript (Markdown) to the clipboard")
+        self.save_button = _button("Save…", lambda: self.save_transcript(), "Save the transcript as a Markdown file")
+        action_row = _row(self.describe_button, self.new_button, self.copy_button, self.save_button)
 
         self.choice_box, choice_form = _foldable("Multiple choice")
         self.choice_question = QLineEdit()
@@ -231,8 +207,7 @@ class ChatDock(QWidget):
         for letter in OPTION_LETTERS:
             self.choice_options[letter] = QLineEdit()
             choice_form.addRow(letter, self.choice_options[letter])
-        self.choice_button = QPushButton("Ask (answer starts with the letter)")
-        self.choice_button.clicked.connect(self.ask_choice)
+        self.choice_button = _button("Ask (answer starts with the letter)", self.ask_choice)
         choice_form.addRow(self.choice_button)
 
         self.model_box, model_form = _foldable("Chat model")
@@ -247,10 +222,7 @@ class ChatDock(QWidget):
         self.max_tokens.setValue(GenerationSettings().max_new_tokens)
         self.sample = QCheckBox("Sample")
         self.sample.setToolTip("Sample with the chat folder's temperature and top-p instead of greedy decoding")
-        settings_row = QHBoxLayout()
-        settings_row.addWidget(self.max_tokens)
-        settings_row.addWidget(self.sample)
-        model_form.addRow("Max tokens", settings_row)
+        model_form.addRow("Max tokens", _row(self.max_tokens, self.sample))
 
         layout.addWidget(self.status)
         layout.addWidget(self.transcript, stretch=1)
@@ -263,8 +235,6 @@ class ChatDock(QWidget):
         edit = QLineEdit()
         edit.setPlaceholderText(placeholder)
         edit.editingFinished.connect(lambda: apply(edit.text().strip() or None))
-        browse = QPushButton("…")
-        browse.setToolTip("Pick a folder")
 
         def pick():
             folder = QFileDialog.getExistingDirectory(self, "Pick a folder", edit.text())
@@ -272,11 +242,7 @@ class ChatDock(QWidget):
                 edit.setText(folder)
                 apply(folder)
 
-        browse.clicked.connect(pick)
-        row = QHBoxLayout()
-        row.addWidget(edit)
-        row.addWidget(browse)
-        return edit, row
+        return edit, _row(edit, _button("…", pick, "Pick a folder"))
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -308,7 +274,7 @@ class ChatDock(QWidget):
         for widget in (self.copy_button, self.save_button):
             widget.setEnabled(bool(self._turns))
         self.new_button.setEnabled(bool(self._turns) or self.busy)
-        default = default_chat_dir(self._analysis.weights) if self._analysis is not None else None
+        default = self._analysis.weights.chat_dir if self._analysis is not None else None
         self.chat_folder_edit.setPlaceholderText(f"default: {default}" if default else "default: beside the weights")
         self.chat_folder_edit.setToolTip(self.chat_folder_edit.placeholderText())
         if self._analysis is None:
@@ -329,29 +295,28 @@ class ChatDock(QWidget):
 
     def set_chat_folder(self, folder: str | Path | None) -> None:
         """Use this chat folder instead of the one beside the weights (None: back to the default)."""
-        folder = Path(folder).expanduser() if folder else None
-        if folder != self._chat_folder:
-            self._chat_folder = folder
-            self.chat_folder_edit.setText(str(folder) if folder else "")
-            self._reload()
+        self._override("_chat_folder", self.chat_folder_edit, folder)
 
     def set_llm_folder(self, folder: str | Path | None) -> None:
         """Use this causal-LM folder (e.g. Qwen3-0.6B) instead of the chat folder's llm/ (None: back to it)."""
+        self._override("_llm_folder", self.llm_folder_edit, folder)
+
+    def _override(self, attribute: str, edit: QLineEdit, folder: str | Path | None) -> None:
+        """Set the folder override `attribute`, show it in `edit` and reload when it changed."""
         folder = Path(folder).expanduser() if folder else None
-        if folder != self._llm_folder:
-            self._llm_folder = folder
-            self.llm_folder_edit.setText(str(folder) if folder else "")
+        if folder != getattr(self, attribute):
+            setattr(self, attribute, folder)
+            edit.setText(str(folder) if folder else "")
             self._reload()
 
     def chat_folder(self) -> Path | None:
         """The chat folder in use: the override, else the one beside the analysed slide's weights."""
         if self._chat_folder is not None:
             return self._chat_folder
-        return default_chat_dir(self._analysis.weights) if self._analysis is not None else None
+        return self._analysis.weights.chat_dir if self._analysis is not None else None
 
     def _reload(self) -> None:
         """A new conversation for the current slide and chat folder (a new slide starts a new transcript)."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         self.stop()
@@ -369,30 +334,36 @@ class ChatDock(QWidget):
             self.model_box.setChecked(True)
             self._refresh(message)
             return
-        device = None if self._analysis.device == "auto" else self._analysis.device
+        device = self._analysis.device
         key = (folder.resolve(), self._llm_folder.resolve() if self._llm_folder else None, device)
         engine = self._engine[1] if self._engine is not None and self._engine[0] == key else None
         serial, self._loading = self._load_serial, True
         self._refresh(f"Loading the chat model from {folder}…" if engine is None else "Starting a conversation…")
-        create_worker(_load_chat, self._analysis, folder, self._llm_folder, device, engine,
-                      _connect={"returned": lambda result: self._loaded(serial, key, result),
-                                "finished": lambda: self._load_ended(serial)},
-                      _progress={"desc": "Loading the PathFLIP chat model"} if engine is None else None,
-                      _ignore_errors=True)
+        run_in_background(_load_chat, self._analysis, folder, self._llm_folder, device, engine,
+                          on_done=lambda result: self._loaded(serial, key, result),
+                          on_error=lambda exc: self._load_failed(serial, exc),
+                          on_finished=lambda: self._load_ended(serial),
+                          _progress={"desc": "Loading the PathFLIP chat model"} if engine is None else None)
 
     @_unless_deleted
-    def _loaded(self, serial: int, key: tuple, result) -> None:
-        from napari.utils.notifications import show_error, show_info
+    def _load_failed(self, serial: int, exc: Exception) -> None:
+        from napari.utils.notifications import show_error
 
         if serial != self._load_serial:  # the slide or folder changed while loading
             return
         self._loading = False
-        if isinstance(result, _Failed):
-            message = f"Cannot load the chat model: {_user_message(result.error)}"
-            show_error(message)
-            self.model_box.setChecked(True)
-            self._refresh(message)
+        message = f"Cannot load the chat model: {user_message(exc)}"
+        show_error(message)
+        self.model_box.setChecked(True)
+        self._refresh(message)
+
+    @_unless_deleted
+    def _loaded(self, serial: int, key: tuple, result) -> None:
+        from napari.utils.notifications import show_info
+
+        if serial != self._load_serial:  # the slide or folder changed while loading
             return
+        self._loading = False
         engine, self._conversation = result
         self._engine = (key, engine)
         base = self.generation or engine.config.generation
@@ -423,7 +394,6 @@ class ChatDock(QWidget):
     def send(self, text: str | None = None, choice: tuple | None = None) -> bool:
         """Ask `text` (default: the input line; for a multiple-choice question the prompt shown, with `choice` its
         (question, options)). Returns whether an answer started."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_info
 
         from_input = text is None or text is False  # Qt's clicked(bool) passes False
@@ -443,11 +413,11 @@ class ChatDock(QWidget):
         self._turns += [user, answer]
         self._stop = stop = threading.Event()
         self.destroyed.connect(stop.set)  # a closed dock stops its answer
-        self._worker = create_worker(_answer, self._conversation, text, self.settings(), stop, choice,
-                                     _connect={"yielded": lambda piece: self._piece(answer, piece),
-                                               "returned": lambda result: self._finished(user, answer, result),
-                                               "finished": lambda: self._idle(answer)},
-                                     _ignore_errors=True)
+        self._worker = run_in_background(_answer, self._conversation, text, self.settings(), stop, choice,
+                                         on_yielded=lambda piece: self._piece(answer, piece),
+                                         on_done=lambda result: self._finished(answer, result),
+                                         on_error=lambda exc: self._failed(user, answer, exc),
+                                         on_finished=lambda: self._idle(answer))
         self._refresh()
         self._render()
         return True
@@ -485,28 +455,32 @@ class ChatDock(QWidget):
                 self._render_timer.start()
 
     @_unless_deleted
-    def _finished(self, user: Turn, turn: Turn, result) -> None:
-        from napari.utils.notifications import show_error, show_info
+    def _finished(self, turn: Turn, result) -> None:
+        from napari.utils.notifications import show_info
 
         turn.streaming = False
         current = turn in self._turns
-        if isinstance(result, _Failed):
-            if current:  # the question was not answered: take it back to the input line to edit it
-                self._turns = [t for t in self._turns if t is not user and t is not turn]
-                if not self.question.text():
-                    self.question.setText(user.text)
-            show_error(_user_message(result.error))
-        else:
-            turn.text = result.text  # the final decode (the stream may end inside a multi-byte character)
-            turn.ending = result.finish_reason if result.finish_reason in ENDINGS else ""
-            if result.option_scores:
-                turn.note = ranking_note(result.option_scores)
-            notice = (result.notice or "").replace(self._conversation.notice or "", "").strip() \
-                if self._conversation is not None else ""
-            if notice and current:
-                show_info(notice)
-            if current:
-                self.answered.emit(result)
+        turn.text = result.text  # the final decode (the stream may end inside a multi-byte character)
+        turn.ending = result.finish_reason if result.finish_reason in ENDINGS else ""
+        if result.option_scores:
+            turn.note = ranking_note(result.option_scores)
+        notice = (result.notice or "").replace(self._conversation.notice or "", "").strip() \
+            if self._conversation is not None else ""
+        if notice and current:
+            show_info(notice)
+        if current:
+            self.answered.emit(result)
+
+    @_unless_deleted
+    def _failed(self, user: Turn, turn: Turn, exc: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        turn.streaming = False
+        if turn in self._turns:  # the question was not answered: take it back to the input line to edit it
+            self._turns = [t for t in self._turns if t is not user and t is not turn]
+            if not self.question.text():
+                self.question.setText(user.text)
+        show_error(user_message(exc))
 
     @_unless_deleted
     def _idle(self, turn: Turn) -> None:

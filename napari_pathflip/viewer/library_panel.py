@@ -1,33 +1,54 @@
-"""The Library panel: search a slide library (napari_pathflip/library.py) and open a hit in the viewer.
+"""The Library panel: search a slide library (napari_pathflip/library/) and open a hit in the viewer.
 
 Choose a library folder (loaded in a worker), type a query: the search runs in a `LatestRunner` (the newest query
 wins) and the ranked slides appear with thumbnails, scores and best regions. Double-clicking a hit prepares its
 analysis from the library's cache in a worker, opens the slide and emits `opened(analysis, layer, query)`: the
 workspace makes it the analysed slide, so Localize shows the query's heatmap, and zooms to the best region.
 "Index slides..." adds a folder of slides to the library in a napari thread_worker with napari's progress bar and
-Cancel (a cancelled run continues where it stopped).
+Cancel (a cancelled run continues where it stopped). Loading and indexing use the workspace's PathFLIP when it was
+loaded from the library's weights (`set_analysis`), else the panel loads those weights itself.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from qtpy.QtCore import QSize, QTimer, Signal
+from qtpy.QtCore import QSize, Signal
 from qtpy.QtGui import QIcon, QImage, QPixmap
-from qtpy.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
-                            QProgressBar, QPushButton, QSpinBox, QVBoxLayout)
+from qtpy.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
+                            QPushButton, QSpinBox, QVBoxLayout)
 
-from ..analysis import default_weights_dir
 from ..errors import PathflipError
-from ..library import Library, index_slides, is_library
+from ..library import IndexSummary, Library, Table, index_slides, indexing_weights, is_library
+from ..weights import WeightsFolder
+from .fields import FolderField, QueryField
+from .progress import RunningWorkers, TaskProgress
 from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 
 PLUGIN = "napari-pathflip"
 DEBOUNCE_MS = 300  # a search reads encodings from disk: wait for a pause in the typing
 ICON = 96
+
+
+def _shared_model(analysis, weights_id: str):
+    """The workspace's PathFLIP when it was loaded from weights with this content id, else None."""
+    return analysis.model if analysis is not None and analysis.weights.id == weights_id else None
+
+
+def _open(folder: str, analysis) -> Library:
+    """Worker body: the library, on the workspace's PathFLIP (and its weights folder) when the library was indexed
+    with the same weights."""
+    model = _shared_model(analysis, Table(Path(folder)).attrs["weights_id"])
+    return Library(folder, weights=None if model is None else analysis.weights.path, model=model)
+
+
+def _index(slides: list[str], library: str, weights: str | None, analysis, **kwargs) -> IndexSummary:
+    """Worker body: index_slides, on the workspace's PathFLIP when it was loaded from the weights the library is
+    indexed with. No MODEL_LOCK: encoding slides only reads the model, so searches and Localize go on."""
+    weights = indexing_weights(library, weights)
+    return index_slides(slides, library, weights=weights, model=_shared_model(analysis, weights.id), **kwargs)
 
 
 def _search(library: Library, text: str, top: int):
@@ -70,24 +91,21 @@ class LibraryPanel(QGroupBox):
         """`weights`: the weights folder a new library is indexed with (the workspace passes the slide panel's)."""
         super().__init__("Library", parent)
         self.viewer = viewer
-        self.weights = weights or (lambda: str(default_weights_dir()))
+        self.weights = weights or (lambda: str(WeightsFolder.resolve()))
+        self.analysis = None  # the workspace's SlideAnalysis: its PathFLIP is shared when the weights match
         self.library: Library | None = None
         self.query_text = ""
         self.hits: list = []
         self.runner = LatestRunner(self)
         self.runner.finished.connect(self._show_results)
         self.runner.failed.connect(lambda exc, seq: self._search_failed(exc))
-        self._workers = set()
-        self._cancel: threading.Event | None = None
-        self._napari_progress = None
+        self._workers = RunningWorkers()
 
-        self.folder_edit = QLineEdit()
+        folder = FolderField("Slide library folder", "Choose the library folder")
+        folder.chosen.connect(lambda _: self.load())
+        self.folder_edit = folder.edit
         self.folder_edit.setPlaceholderText("library folder (pathflip index ... --out FOLDER)")
         self.folder_edit.returnPressed.connect(self.load)
-        browse = QPushButton("...")
-        browse.setMaximumWidth(32)
-        browse.setToolTip("Choose the library folder")
-        browse.clicked.connect(self._browse)
         self.load_button = QPushButton("Load")
         self.load_button.clicked.connect(self.load)
         self.info = QLabel("No library loaded. Choose a folder made by <b>pathflip index</b>, or index slides.")
@@ -95,17 +113,9 @@ class LibraryPanel(QGroupBox):
         self.index_button = QPushButton("Index slides...")
         self.index_button.setToolTip("Add a folder of slides to this library folder (only new slides are processed)")
         self.index_button.clicked.connect(lambda: self.index())
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setVisible(False)
-        self.query = QLineEdit()
-        self.query.setPlaceholderText("Search the slides, e.g. central necrosis")
-        self.query.setClearButtonEnabled(True)
-        self._debounce = QTimer(self, singleShot=True, interval=DEBOUNCE_MS)
-        self._debounce.timeout.connect(self.search)
-        self.query.textChanged.connect(self._debounce.start)
+        self.progress = TaskProgress(self.index_button)
+        self.query = QueryField("Search the slides, e.g. central necrosis", DEBOUNCE_MS)
+        self.query.paused.connect(self.search)
         self.query.returnPressed.connect(self.search)
         self.top = QSpinBox(minimum=1, maximum=500, value=20)
         self.top.setToolTip("How many slides to list")
@@ -122,11 +132,11 @@ class LibraryPanel(QGroupBox):
         self.status.setWordWrap(True)
 
         folder_row = QHBoxLayout()
-        for widget in (self.folder_edit, browse, self.load_button):
-            folder_row.addWidget(widget)
+        folder_row.addWidget(folder)
+        folder_row.addWidget(self.load_button)
         index_row = QHBoxLayout()
         index_row.addWidget(self.index_button)
-        index_row.addWidget(self.cancel_button)
+        index_row.addWidget(self.progress.cancel_button)
         query_row = QHBoxLayout()
         query_row.addWidget(self.query)
         query_row.addWidget(QLabel("top"))
@@ -135,7 +145,7 @@ class LibraryPanel(QGroupBox):
         layout.addLayout(folder_row)
         layout.addWidget(self.info)
         layout.addLayout(index_row)
-        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.progress.bar)
         layout.addLayout(query_row)
         layout.addWidget(self.results)
         layout.addWidget(self.similar_button)
@@ -144,11 +154,10 @@ class LibraryPanel(QGroupBox):
         self._enable_search(False)
 
     # ------------------------------------------------------------------------------------------------------ library
-    def _browse(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Slide library folder", self.folder_edit.text())
-        if folder:
-            self.folder_edit.setText(folder)
-            self.load()
+    def set_analysis(self, analysis) -> None:
+        """The workspace's analysed slide (or None): libraries loaded or indexed from now on use its PathFLIP when
+        they were indexed with the same weights."""
+        self.analysis = analysis
 
     def load(self) -> None:
         """Load the library in the folder field (the model and its table) in a worker."""
@@ -156,14 +165,15 @@ class LibraryPanel(QGroupBox):
         if not folder:
             return
         self.info.setText(f"Loading {folder}...")
-        self._track(run_in_background(Library, folder, on_done=self._loaded, on_error=self._load_failed))
+        self._workers.keep(run_in_background(_open, folder, self.analysis, on_done=self._loaded,
+                                             on_error=self._load_failed))
 
     def _loaded(self, library: Library) -> None:
         self.runner.invalidate()
         self.library, self.hits = library, []
         self.results.clear()
-        self.info.setText(f"<b>{library.folder.name}</b>: {len(library)} slides, weights "
-                          f"{library.weights.name} ({library.attrs['weights_id']}), encoder {library.attrs['encoder']}")
+        self.info.setText(f"<b>{library.folder.name}</b>: {len(library)} slides, weights {library.weights.path.name} "
+                          f"({library.attrs['weights_id']}), encoder {library.attrs['encoder']}")
         self._enable_search(len(library) > 0)
         self.loaded.emit(library)
         if self.query.text().strip():
@@ -217,8 +227,8 @@ class LibraryPanel(QGroupBox):
         """Open hit `index` of the list: its analysis from the library's cache (worker), then the slide layer."""
         hit, query = self.hits[index], self.query_text
         self.status.setText(f"Opening {hit.name}...")
-        self._track(run_in_background(_prepare, self.library, hit.row,
-                                      on_done=lambda analysis: self._show_hit(analysis, hit, query)))
+        self._workers.keep(run_in_background(_prepare, self.library, hit.row,
+                                             on_done=lambda analysis: self._show_hit(analysis, hit, query)))
 
     def _show_hit(self, analysis, hit, query: str) -> None:
         layer = next((layer for layer in self.viewer.layers
@@ -236,11 +246,10 @@ class LibraryPanel(QGroupBox):
     # -------------------------------------------------------------------------------------------------------- index
     @property
     def indexing(self) -> bool:
-        return self._cancel is not None
+        return self.progress.running
 
     def index(self, slides_folder: str | None = None) -> None:
         """Index the slides of a folder (asks which when None) into the library folder, in a worker."""
-        from napari.utils import progress
         from napari.utils.notifications import show_warning
 
         from ..extraction import collect_slides
@@ -257,32 +266,21 @@ class LibraryPanel(QGroupBox):
                 return
         slides = collect_slides([slides_folder])
         weights = None if is_library(library) else self.weights()  # an existing library: the weights it records
-        self._cancel = threading.Event()
-        self._napari_progress = progress(total=len(slides), desc=f"PathFLIP: indexing {len(slides)} slides")
-        self.progress_bar.setRange(0, max(len(slides), 1))
-        self.progress_bar.setValue(0)
-        self.progress_bar.setVisible(True)
-        self.index_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        cancel = self.progress.start(len(slides), f"PathFLIP: indexing {len(slides)} slides")
         self.status.setText(f"Indexing {len(slides)} slides into {library}...")
 
         def report(number: int, total: int, name: str, done: int, patches: int) -> None:  # worker thread
             self._progressed.emit(number, total, name, done, patches)
 
-        # the worker loads its own model: indexing never waits for (or blocks) searches and Localize
-        self._track(run_in_background(index_slides, slides, library, weights=weights, device="cpu",
-                                      progress=report, cancel=self._cancel, on_done=self._indexed,
-                                      on_error=self._index_failed, on_finished=self._index_finished))
+        self._workers.keep(run_in_background(_index, slides, library, weights, self.analysis, device="cpu",
+                                             progress=report, cancel=cancel, on_done=self._indexed,
+                                             on_error=self._index_failed, on_finished=self._index_finished))
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
+        self.progress.cancel()
 
     def _show_progress(self, number: int, total: int, name: str, done: int, patches: int) -> None:
-        self.progress_bar.setValue(number)
-        if self._napari_progress is not None:
-            self._napari_progress.n = number
-            self._napari_progress.refresh()
+        self.progress.update(number)
         if name:
             detail = f": {done} / {patches} patches" if patches else ""
             self.status.setText(f"Indexing slide {number + 1} of {total}, {name}{detail}")
@@ -300,16 +298,4 @@ class LibraryPanel(QGroupBox):
         self.status.setText(f"Indexing stopped: {exc}")
 
     def _index_finished(self) -> None:
-        self._cancel = None
-        if self._napari_progress is not None:
-            self._napari_progress.close()
-            self._napari_progress = None
-        self.progress_bar.setVisible(False)
-        self.index_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-
-    def _track(self, worker):
-        # keep a reference while the worker runs so Python does not collect it early
-        self._workers.add(worker)
-        worker.finished.connect(lambda: self._workers.discard(worker))
-        return worker
+        self.progress.finish()

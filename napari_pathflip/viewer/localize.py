@@ -15,46 +15,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer, Signal
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                            QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QVBoxLayout)
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QVBoxLayout)
 
-from ..analysis import SlideAnalysis, write_grounding
-from ..heatmap import ScoreGrid, normalise, score_grid
+from ..analysis import SlideAnalysis, heatmap_grid, write_grounding
+from ..errors import PathflipError
+from ..heatmap import HEAT_COLOURS, ScoreGrid
+from ..text import query_text
+from .fields import QueryField
+from .progress import RunningWorkers
 from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 
 HEATMAP = "PathFLIP heatmap"
 BOXES = "PathFLIP boxes"
 DEBOUNCE_MS = 30  # short: a grounding costs milliseconds and the LatestRunner coalesces bursts anyway
-# patch scores (every patch with a patch-text head, else those of the top regions), or region scores only
-LEVELS = ("patches", "regions")
-
-# inferno's key colours with an alpha ramp: the low end is transparent so the slide shows through weak scores
-_HEAT_COLOURS = np.array([[0, 0, 4, 0], [87, 16, 110, 150], [188, 55, 84, 230], [249, 142, 9, 255],
-                          [252, 255, 164, 255]], dtype=np.float32) / 255
-
+# how fine the heatmap is: patch scores (every patch with a patch-text head, else those of the top regions), or
+# region scores only ("level" is kept for pyramid levels)
+DETAILS = ("patches", "regions")
 
 def heat_colormap():
     from napari.utils.colormaps import Colormap
 
-    return Colormap(_HEAT_COLOURS, controls=np.linspace(0, 1, len(_HEAT_COLOURS)), name="pathflip heat")
-
-
-def heatmap_grid(analysis: SlideAnalysis, result, patch_level: bool) -> ScoreGrid:
-    """The result's scores on the patch or region grid, normalised to [0, 1], 0 where there is no score."""
-    encoding = analysis.encoding
-    dimensions = _slide_dimensions(encoding)
-    if patch_level and result.patch_scores is not None:
-        grid = score_grid(encoding.patch_coords, encoding.patch_size_level0, result.patch_scores, dimensions)
-    else:
-        grid = score_grid(encoding.region_boxes[:, :2], encoding.region_size_level0, result.region_scores,
-                          dimensions)
-    return ScoreGrid(np.nan_to_num(normalise(grid.values), nan=0.0), grid.cell)
-
-
-def _slide_dimensions(encoding) -> tuple[int, int]:
-    # the region grid covers every patch, so its far corner bounds the scored part of the slide
-    return int(encoding.region_boxes[:, 2].max()), int(encoding.region_boxes[:, 3].max())
+    return Colormap(HEAT_COLOURS / 255, controls=np.linspace(0, 1, len(HEAT_COLOURS)), name="pathflip heat")
 
 
 def _ground(analysis: SlideAnalysis, text: str, top_k: int, patch_level: bool):
@@ -62,7 +44,7 @@ def _ground(analysis: SlideAnalysis, text: str, top_k: int, patch_level: bool):
     started = time.perf_counter()
     with MODEL_LOCK:
         result = analysis.ground(text, top_k=top_k, patch_level=patch_level)
-    grid = heatmap_grid(analysis, result, patch_level)
+    grid = heatmap_grid(analysis.encoding, result, patch_level)
     return result, grid, patch_level, time.perf_counter() - started
 
 
@@ -71,8 +53,8 @@ def _file_stem(text: str) -> str:
 
 
 class LocalizePanel(QGroupBox):
-    """Signals: `heatmap_updated(query, level)` after the layers show a new result ("regions" first on every
-    query, then "patches" when that level is chosen); `classified(dict)` with zero-shot probabilities;
+    """Signals: `heatmap_updated(query, detail)` after the layers show a new result ("regions" first on every
+    query, then "patches" when that detail is chosen); `classified(dict)` with zero-shot probabilities;
     `exported(path)` after an export file is written."""
 
     heatmap_updated = Signal(str, str)
@@ -85,24 +67,21 @@ class LocalizePanel(QGroupBox):
         self.analysis: SlideAnalysis | None = None
         self.slide_layer = None
         self.result = None  # the GroundingResult on screen
-        self.grid: ScoreGrid | None = None
+        self.grid: ScoreGrid | None = None  # the heatmap on screen (analysis.heatmap_grid)
+        self.grid_patch_level = False  # whether it is the patch grid
         self.runner = LatestRunner(self)
         self.runner.finished.connect(self._show)
         self.runner.failed.connect(lambda exc, seq: notify_error(exc))
         self.probabilities: dict[str, float] = {}
-        self._workers = set()
+        self._workers = RunningWorkers()
 
-        self.query = QLineEdit()
-        self.query.setPlaceholderText("Type a finding, e.g. necrosis")
-        self.query.setClearButtonEnabled(True)
-        self._debounce = QTimer(self, singleShot=True, interval=DEBOUNCE_MS)
-        self._debounce.timeout.connect(self.request)
-        self.query.textChanged.connect(self._debounce.start)
-        self.level_box = QComboBox()
-        self.level_box.addItems(LEVELS)
-        self.level_box.setToolTip("patches: patch-level attribution inside the top regions; regions: region "
+        self.query = QueryField("Type a finding, e.g. necrosis", DEBOUNCE_MS)
+        self.query.paused.connect(self.request)
+        self.detail_box = QComboBox()
+        self.detail_box.addItems(DETAILS)
+        self.detail_box.setToolTip("patches: patch-level attribution inside the top regions; regions: region "
                                   "attention only (4096-px windows)")
-        self.level_box.currentIndexChanged.connect(self.request)
+        self.detail_box.currentIndexChanged.connect(self.request)
         self.top_k = QSpinBox(minimum=1, maximum=50, value=5)
         self.top_k.setToolTip("How many top regions to box (weights without a patch-text head: and explain at "
                               "patch level)")
@@ -140,11 +119,11 @@ class LocalizePanel(QGroupBox):
 
         form = QFormLayout()
         form.addRow("Finding", self.query)
-        level_row = QHBoxLayout()
-        level_row.addWidget(self.level_box)
-        level_row.addWidget(QLabel("top"))
-        level_row.addWidget(self.top_k)
-        form.addRow("Level", level_row)
+        detail_row = QHBoxLayout()
+        detail_row.addWidget(self.detail_box)
+        detail_row.addWidget(QLabel("top"))
+        detail_row.addWidget(self.top_k)
+        form.addRow("Detail", detail_row)
         form.addRow("Opacity", self.opacity)
         form.addRow("Threshold", self.threshold)
         actions = QHBoxLayout()
@@ -188,10 +167,10 @@ class LocalizePanel(QGroupBox):
     # -------------------------------------------------------------------------------------------------- grounding
     @property
     def patch_level(self) -> bool:
-        return self.level_box.currentText() == "patches"
+        return self.detail_box.currentText() == "patches"
 
     def request(self, *args) -> None:
-        """Ground the current text (called by the debounce timer and when the level or top-k changes).
+        """Ground the current text (called by the debounce timer and when the detail or top-k changes).
 
         Region level first: it costs one text encoding, so the heatmap follows every keystroke; the patch-level
         scores (each patch of the top regions through the Q-Former on its own) follow as a second job unless a
@@ -199,6 +178,12 @@ class LocalizePanel(QGroupBox):
         text = self.query.text().strip()
         if not text:
             self.runner.invalidate()
+            return
+        try:
+            text = query_text(text)
+        except PathflipError as exc:  # said in the status line: a notification on every keystroke would be noise
+            self.runner.invalidate()
+            self.status.setText(str(exc))
             return
         if self.analysis is None:
             self.status.setText("Press <b>Analyze</b> in the slide panel first.")
@@ -209,17 +194,17 @@ class LocalizePanel(QGroupBox):
         result, grid, patch_level, seconds = payload
         if self.analysis is None or self.slide_layer not in self.viewer.layers:
             return
-        self.result, self.grid = result, grid
+        self.result, self.grid, self.grid_patch_level = result, grid, patch_level
         self._paint_heatmap(grid, result.text)
         self._paint_boxes(result)
-        level = "patches" if patch_level else "regions"
+        detail = "patches" if patch_level else "regions"
         refine = self.patch_level and not patch_level
         if refine:
             self.runner.submit(_ground, self.analysis, result.text, self.top_k.value(), True)
         name = "patch" if patch_level else "region"
         self.status.setText(f"<b>{result.text}</b>: {name} level, grounded in {seconds * 1000:.0f} ms"
                             + (" (patch level follows)" if refine else ""))
-        self.heatmap_updated.emit(result.text, level)
+        self.heatmap_updated.emit(result.text, detail)
 
     def placement(self, grid: ScoreGrid):
         """(scale, translate) of a grid over the analysed slide layer, in that layer's own world units."""
@@ -232,7 +217,7 @@ class LocalizePanel(QGroupBox):
         scale, translate = self.placement(grid)
         if HEATMAP in self.viewer.layers:
             layer = self.viewer.layers[HEATMAP]
-            # placement first (only when the level changed: each assignment refreshes the layer), then the data
+            # placement first (only when the detail changed: each assignment refreshes the layer), then the data
             if not np.allclose(layer.scale[-2:], scale):
                 layer.scale, layer.translate = scale, translate
             layer.data = grid.values
@@ -351,7 +336,7 @@ class LocalizePanel(QGroupBox):
                 return analysis.classify(prompts)
 
         self.class_result.setText("Classifying...")
-        self._track(run_in_background(work, on_done=lambda p: self._show_classes(prompts, p),
+        self._workers.keep(run_in_background(work, on_done=lambda p: self._show_classes(prompts, p),
                                       on_error=self._class_failed))
 
     def _show_classes(self, prompts: list[str], probabilities: np.ndarray) -> None:
@@ -381,27 +366,24 @@ class LocalizePanel(QGroupBox):
                 return None
         path = Path(path)
         analysis, result, top_k = self.analysis, self.result, self.top_k.value()
+        # the heatmap as shown: its grid, threshold and opacity
+        threshold, opacity, patch_level = (self.threshold.value() / 100, self.opacity.value() / 100,
+                                           self.grid_patch_level)
 
         def work():
             current = result
             if suffix == ".npz" and current.patch_scores is None:  # the NPZ always carries patch scores
                 with MODEL_LOCK:
                     current = analysis.ground(result.text, top_k=top_k, patch_level=True)
-            return str(write_grounding(analysis, current, path))
+            return str(write_grounding(analysis, current, path, threshold, opacity, patch_level))
 
-        return self._track(run_in_background(work, on_done=self._exported))
+        return self._workers.keep(run_in_background(work, on_done=self._exported))
 
     def _exported(self, path: str) -> None:
         from napari.utils.notifications import show_info
 
         show_info(f"PathFLIP: wrote {path}")
         self.exported.emit(path)
-
-    def _track(self, worker):
-        # keep a reference while the worker runs so Python does not collect it early
-        self._workers.add(worker)
-        worker.finished.connect(lambda: self._workers.discard(worker))
-        return worker
 
     def close_down(self) -> None:
         self.runner.shutdown()

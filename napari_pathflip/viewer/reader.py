@@ -1,4 +1,4 @@
-"""napari reader contribution: whole-slide images through `open_slide`."""
+"""napari reader contribution: whole-slide images (files, and folders of DICOM instances) through `open_slide`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from .layers import slide_layer_data
 
 
 def napari_get_reader(path):
-    """The reader for one slide path, or None to let another plugin try (napari's protocol)."""
+    """The reader for one slide path, or None to let another plugin try (napari's protocol): a slide file by its
+    name, a folder only when it holds DICOM files."""
     if isinstance(path, list):
         if len(path) != 1:
             return None

@@ -7,21 +7,22 @@ analysed slide layer goes away) to Localize and the chat dock.
 
 from __future__ import annotations
 
-import json
-import threading
+import html
 import time
 from pathlib import Path
 
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                            QProgressBar, QPushButton, QVBoxLayout)
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                            QPushButton, QVBoxLayout)
 
-from ..analysis import ENCODER_FILE, SlideAnalysis, default_cache_dir, default_weights_dir
+from ..analysis import SlideAnalysis
 from ..encoders import ENCODER_HELP
 from ..errors import PathflipError
+from ..weights import DEVICES, WeightsFolder, default_cache_dir, resolve_device
+from .fields import FolderField
+from .progress import TaskProgress
 from .tasks import notify_error, run_in_background
 
-DEVICES = ("auto", "cuda", "cpu")
 
 
 def slide_info(layer) -> dict | None:
@@ -31,16 +32,18 @@ def slide_info(layer) -> dict | None:
 
 def describe_slide(name: str, info: dict) -> str:
     w, h = info["dimensions"]
-    mpp = f"{info['mpp'][0]:.3f} um/px ({info['mpp_source']})" if info["mpp"] else "unknown: pixel units"
+    if info["mpp"]:
+        mpp = f"{info['mpp'][0]:.3f} um/px ({info['mpp_source']})"
+    else:
+        mpp = "unknown: pixel units" + (f" ({html.escape(info['mpp_note'])})" if info.get("mpp_note") else "")
     power = f"{info['objective_power']:g}x" if info["objective_power"] else "not recorded in the file"
-    return (f"<b>{name}</b><br>{w} x {h} px, {len(info['level_dimensions'])} levels "
-            f"({info['native_levels']} in the file)<br>mpp: {mpp}<br>objective: {power}")
+    reader = f", read with {info['backend']}" if info.get("backend") else ""
+    return (f"<b>{html.escape(name)}</b><br>{w} x {h} px, {len(info['level_dimensions'])} levels "
+            f"({info['native_levels']} in the file{reader})<br>mpp: {mpp}<br>objective: {power}")
 
 
 def _analyse(slide_path, weights, cache_dir, encoder, device, progress, cancel) -> SlideAnalysis:
     """Worker body: load the weights, move the model to the device, extract + encode (or read both caches)."""
-    from ..extraction import resolve_device
-
     analysis = SlideAnalysis(slide_path, weights, cache_dir, encoder or None, device)
     analysis.model.to(resolve_device(device))
     analysis.prepare(progress=progress, cancel=cancel)
@@ -60,8 +63,6 @@ class SlidePanel(QGroupBox):
         self.analysed_layer = None
         self.cache_dir: Path = default_cache_dir()
         self.worker = None
-        self._cancel: threading.Event | None = None
-        self._napari_progress = None
         self._extracted_now = False
 
         self.open_demo = QPushButton("Open demo slide")
@@ -71,16 +72,12 @@ class SlidePanel(QGroupBox):
         self.layer_box.setToolTip("The slide layer to analyse; follows the selected slide layer")
         self.info = QLabel()
         self.info.setWordWrap(True)
-        self.weights_edit = QLineEdit(str(default_weights_dir()))
+        self.info.setTextFormat(Qt.TextFormat.RichText)  # always: a text without tags would show "&gt;" as is
+        weights_field = FolderField("PathFLIP weights folder", "Choose the weights folder",
+                                    str(WeightsFolder.resolve()))
+        self.weights_edit = weights_field.edit
         self.weights_edit.setToolTip("PathFLIP weights folder (config.json + model.safetensors)")
         self.weights_edit.textChanged.connect(self._update_encoder_hint)
-        browse = QPushButton("...")
-        browse.setMaximumWidth(32)
-        browse.setToolTip("Choose the weights folder")
-        browse.clicked.connect(self._browse_weights)
-        weights_row = QHBoxLayout()
-        weights_row.addWidget(self.weights_edit)
-        weights_row.addWidget(browse)
         self.encoder_edit = QLineEdit()
         self.encoder_edit.setToolTip("Patch encoder; empty = the one recorded with the weights.\n" + ENCODER_HELP)
         self.device_box = QComboBox()
@@ -88,28 +85,24 @@ class SlidePanel(QGroupBox):
         self.analyze_button = QPushButton("Analyze")
         self.analyze_button.setToolTip("Extract patch features and encode the slide (cached: instant next time)")
         self.analyze_button.clicked.connect(self.analyze)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setVisible(False)
+        self.progress = TaskProgress(self.analyze_button)
         self.status = QLabel()
         self.status.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Slide layer", self.layer_box)
-        form.addRow("Weights", weights_row)
+        form.addRow("Weights", weights_field)
         form.addRow("Encoder", self.encoder_edit)
         form.addRow("Device", self.device_box)
         buttons = QHBoxLayout()
         buttons.addWidget(self.analyze_button)
-        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress.cancel_button)
         layout = QVBoxLayout(self)
         layout.addWidget(self.open_demo)
         layout.addWidget(self.info)
         layout.addLayout(form)
         layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.progress.bar)
         layout.addWidget(self.status)
 
         self._progressed.connect(self._show_progress)
@@ -170,17 +163,11 @@ class SlidePanel(QGroupBox):
             notify_error(exc)
 
     # ---------------------------------------------------------------------------------------------- weights, device
-    def _browse_weights(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "PathFLIP weights folder", self.weights_edit.text())
-        if folder:
-            self.weights_edit.setText(folder)
-
     def _update_encoder_hint(self, text=None) -> None:
-        recorded = Path(self.weights_edit.text()) / ENCODER_FILE
         try:
-            name = json.loads(recorded.read_text())["encoder"]
-        except (OSError, ValueError, KeyError):
-            name = "builtin"
+            name = WeightsFolder(Path(self.weights_edit.text())).encoder
+        except PathflipError as exc:
+            name = f"unreadable ({exc})"
         self.encoder_edit.setPlaceholderText(f"from the weights: {name}")
 
     # ------------------------------------------------------------------------------------------------------ analyze
@@ -189,7 +176,6 @@ class SlidePanel(QGroupBox):
         return self.worker is not None
 
     def analyze(self) -> None:
-        from napari.utils import progress
         from napari.utils.notifications import show_warning
 
         layer = self.current_layer
@@ -198,14 +184,9 @@ class SlidePanel(QGroupBox):
             return
         if self.running:
             return
-        self._cancel = threading.Event()
+        cancel = self.progress.start(0, f"PathFLIP: analysing {layer.name}")
         self._extracted_now = False
         self._started = time.perf_counter()
-        self._napari_progress = progress(total=0, desc=f"PathFLIP: analysing {layer.name}")
-        self.progress_bar.setRange(0, 0)
-        self.progress_bar.setVisible(True)
-        self.analyze_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
         self.status.setText(f"Analysing <b>{layer.name}</b>: loading the weights...")
 
         def report(done: int, total: int) -> None:  # extraction thread; the signal queues it to the GUI thread
@@ -213,23 +194,17 @@ class SlidePanel(QGroupBox):
 
         self.worker = run_in_background(
             _analyse, slide_info(layer)["path"], self.weights_edit.text() or None, self.cache_dir,
-            self.encoder_edit.text().strip(), self.device_box.currentText(), report, self._cancel,
+            self.encoder_edit.text().strip(), self.device_box.currentText(), report, cancel,
             on_done=lambda analysis, layer=layer: self._ready(analysis, layer), on_error=self._failed,
             on_finished=self._finished)
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
+        self.progress.cancel()
 
     def _show_progress(self, done: int, total: int) -> None:
         if done < total:
             self._extracted_now = True
-        self.progress_bar.setRange(0, max(total, 1))
-        self.progress_bar.setValue(done)
-        if self._napari_progress is not None:
-            self._napari_progress.total = total
-            self._napari_progress.n = done
-            self._napari_progress.refresh()
+        self.progress.update(done, total)
         self.status.setText(f"Extracting patch features: {done} / {total} patches...")
 
     def _ready(self, analysis: SlideAnalysis, layer) -> None:
@@ -255,13 +230,7 @@ class SlidePanel(QGroupBox):
 
     def _finished(self) -> None:
         self.worker = None
-        self._cancel = None
-        if self._napari_progress is not None:
-            self._napari_progress.close()
-            self._napari_progress = None
-        self.progress_bar.setVisible(False)
-        self.analyze_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.progress.finish()
 
     def _set_status(self, seconds: float | None = None) -> None:
         analysis = self.analysis
@@ -275,5 +244,5 @@ class SlidePanel(QGroupBox):
         self.status.setText(
             f"<b>Analysed: {self.analysed_layer.name}</b><br>features {source}{took} "
             f"({len(encoding.patch_coords)} patches, {encoding.num_regions} regions)<br>"
-            f"model: {analysis.weights.name} ({analysis.weights}), encoder {analysis.encoder}<br>"
+            f"model: {analysis.weights.path.name} ({analysis.weights}), encoder {analysis.encoder}<br>"
             f"device: {analysis.model.device}")

@@ -2,12 +2,16 @@
 
 `LatestRunner` serves typing: one worker thread, at most one job waiting, and only the newest request's result is
 delivered, so a burst of keystrokes costs one or two model calls and a slow old query never paints over a new one.
-`run_in_background` wraps napari's thread_worker for one-off jobs (analysis, classification, export).
+`run_in_background` wraps napari's thread_worker for one-off jobs (analysis, classification, export, loading the chat
+model) and for generators whose values stream to the GUI (a chat answer).
 `user_message` turns any failure into a notification text that says what to do.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +19,8 @@ from qtpy.QtCore import QObject, Signal
 
 from ..errors import PathflipError
 from ..extraction import ExtractionCancelled
+
+log = logging.getLogger(__name__)
 
 # One PathFLIP model is shared by grounding, classification and export threads; its patch attribution toggles
 # autograd, so calls into it are serialised.
@@ -79,17 +85,37 @@ class LatestRunner(QObject):
         self._pool.shutdown(wait=False)
 
 
-def run_in_background(fn, *args, on_done=None, on_error=None, on_finished=None, **kwargs):
+class _GeneratorFailed(Exception):
+    """A RuntimeError raised in a generator worker, carried out under another type: superqt takes a RuntimeError
+    there for a deleted worker and drops it, with neither `errored` nor `finished` (torch raises RuntimeErrors)."""
+
+
+def _raising(generator_fn):
+    """`generator_fn` with its RuntimeErrors raised as _GeneratorFailed."""
+    @functools.wraps(generator_fn)
+    def run(*args, **kwargs):
+        try:
+            return (yield from generator_fn(*args, **kwargs))
+        except RuntimeError as exc:
+            raise _GeneratorFailed() from exc
+    return run
+
+
+def run_in_background(fn, *args, on_done=None, on_error=None, on_finished=None, on_yielded=None, **kwargs):
     """Start `fn(*args, **kwargs)` in a napari thread_worker; the callbacks run on the GUI thread (connected before
-    the thread starts, so a fast job cannot finish unheard). Returns the worker. Errors go to `on_error` (default:
-    a notification), never back into the event loop as a traceback."""
+    the thread starts, so a fast job cannot finish unheard). Returns the worker. A generator's values go to
+    `on_yielded` and its return value to `on_done`. Errors go to `on_error` (default: a notification), never back
+    into the event loop as a traceback; `on_finished` runs last, also after an error or a cancel from napari's task
+    list. Other keywords (e.g. `_progress`) go to napari's create_worker."""
     from napari.qt.threading import create_worker
 
-    connect = {"errored": on_error or notify_error}
-    if on_done is not None:
-        connect["returned"] = on_done
-    if on_finished is not None:
-        connect["finished"] = on_finished
+    failed = on_error or notify_error
+    connect = {"errored": lambda exc: failed(exc.__cause__ if isinstance(exc, _GeneratorFailed) else exc)}
+    if inspect.isgeneratorfunction(fn):
+        fn = _raising(fn)
+    for signal, slot in (("returned", on_done), ("finished", on_finished), ("yielded", on_yielded)):
+        if slot is not None:
+            connect[signal] = slot
     return create_worker(fn, *args, _connect=connect, _start_thread=True, **kwargs)
 
 
@@ -102,10 +128,11 @@ def user_message(exc: BaseException) -> str:
     if isinstance(exc, PathflipError):
         return str(exc)
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
-        return ("Out of memory. Pick device 'cpu' (or a smaller batch), close other programs using the GPU, "
-                f"then press Analyze again. ({type(exc).__name__}: {exc})")
+        return ("Out of memory. Pick device 'cpu' (or a smaller batch or model), close other programs using the GPU, "
+                f"then try again. ({type(exc).__name__}: {exc})")
     if isinstance(exc, OSError):
         return f"Cannot read a file: {exc}. Check that the slide and weights folders exist and are readable."
+    log.error("unexpected error in a background task", exc_info=exc)  # the notification shows only the message
     return f"{type(exc).__name__}: {exc}"
 
 

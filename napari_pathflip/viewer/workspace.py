@@ -51,15 +51,6 @@ class Workspace(QWidget):
         # own dock exists, so that they can join it as tabs
         QTimer.singleShot(0, self._add_docks)
 
-    # kept for callers of the session-1 widget
-    @property
-    def status(self):
-        return self.slide.info
-
-    @property
-    def open_demo(self):
-        return self.slide.open_demo
-
     def _add_docks(self) -> None:
         window = getattr(self.viewer, "window", None)
         if window is None or not hasattr(window, "add_dock_widget") or CHAT_DOCK in window.dock_widgets:
@@ -77,7 +68,7 @@ class Workspace(QWidget):
     def _library_opened(self, analysis, layer, query: str) -> None:
         """A library hit: the analysed slide; Localize shows the query's heatmap and zooms to its best region."""
         if query:
-            def zoom(text: str, level: str) -> None:
+            def zoom(text: str, detail: str) -> None:
                 if text == query:
                     self.localize.heatmap_updated.disconnect(zoom)
                     self.localize.zoom_to_box(0)  # Localize's top box: the hit's best region
@@ -89,3 +80,4 @@ class Workspace(QWidget):
     def _analysis_changed(self, analysis) -> None:
         self.localize.set_analysis(analysis, self.slide.analysed_layer)
         self.chat.set_analysis(analysis)
+        self.library.set_analysis(analysis)  # the library shares the loaded model when the weights are the same

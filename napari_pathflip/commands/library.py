@@ -1,0 +1,135 @@
+"""`pathflip index`, `pathflip search` and `pathflip classify LIBRARY`: a slide library from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import PathflipError
+from ..text import query_text
+from .options import (add_allow_pickle, add_device, add_encoder, add_mpp, add_progress, add_weights, existing_slide,
+                      positive_int, slide_inputs, write_csv)
+
+
+def index_main(argv: list[str]) -> int:
+    from ..extraction import shard
+    from ..library import LibraryConfig, index_slides
+
+    parser = argparse.ArgumentParser(prog="pathflip index", description="Index slides into a library (resumable: "
+                                     "a rerun adds only new slides). Under torchrun rank r of w takes every w-th.")
+    parser.add_argument("inputs", nargs="+", metavar="FOLDER_OR_CSV", help="slide files, folders or CSV files")
+    parser.add_argument("--out", required=True, help="library folder (created on first use)")
+    add_weights(parser, default="those of the library, else $PATHFLIP_WEIGHTS or the bundled demo")
+    parser.add_argument("--cache", help="feature/encoding cache (default: LIBRARY/cache)")
+    add_encoder(parser)
+    add_device(parser)
+    add_mpp(parser)
+    parser.add_argument("--prototypes", type=positive_int, default=LibraryConfig.prototypes,
+                        help="k-means prototypes per slide for the first search stage")
+    add_allow_pickle(parser)
+    add_progress(parser)
+    args = parser.parse_args(argv)
+
+    slides, rank, world = shard(slide_inputs(args.inputs))
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    print(f"{prefix}{len(slides)} slide(s) -> {args.out}", flush=True)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(slides), unit="slide", file=sys.stderr)
+
+    def progress(number: int, total: int, name: str, done: int, patches: int) -> None:
+        if bar is not None:
+            bar.n = number
+            bar.set_postfix_str(f"{name} {done}/{patches} patches" if patches else name, refresh=True)
+
+    try:
+        summary = index_slides(slides, args.out, weights=args.weights, cache_dir=args.cache, encoder=args.encoder,
+                               device=args.device, mpp=args.mpp, config=LibraryConfig(prototypes=args.prototypes),
+                               progress=progress, allow_pickle=args.allow_pickle)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{prefix}summary: {len(summary.indexed)} indexed, {len(summary.skipped)} skipped (already in the "
+          f"library), {len(summary.failed)} failed; the library holds {summary.count} slide(s)")
+    for path, reason in summary.failed:
+        print(f"  FAILED  {path}: {reason}")
+    return 1 if summary.failed else 0
+
+
+def _add_library(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("library", help="library folder (pathflip index ... --out LIBRARY)")
+    add_weights(parser, default="the folder the library was indexed with")
+    add_device(parser, default="cpu")
+    parser.add_argument("--csv", help="write the table to this CSV file")
+
+
+def _library(args):
+    from ..library import Library
+
+    return Library(args.library, weights=args.weights, device=args.device)
+
+
+def search_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pathflip search", description="Rank the slides of a library by a text "
+                                     "(with each slide's best region) or by their likeness to a slide (--like).")
+    _add_library(parser)
+    parser.add_argument("text", nargs="?", help='what to find, e.g. "central necrosis"')
+    parser.add_argument("--like", metavar="SLIDE", help="rank by likeness to this slide instead of a text")
+    parser.add_argument("--top", type=positive_int, default=20)
+    args = parser.parse_args(argv)
+    if (args.text is None) == (args.like is None):
+        parser.error("give a text or --like SLIDE (one of them)")
+    if args.like:
+        existing_slide(args.like)
+    else:
+        args.text = query_text(args.text)
+    library = _library(args)
+    hits = library.like(args.like, args.top) if args.like else library.search(args.text, args.top)
+    header = ["rank", "slide", "score", "region_x0", "region_y0", "region_x1", "region_y1", "region_score", "path"]
+    rows = [[rank, hit.name, f"{hit.score:.4f}", *(hit.box or ("",) * 4),
+             "" if hit.region_score is None else f"{hit.region_score:.4f}", hit.path]
+            for rank, hit in enumerate(hits, 1)]
+    what = f"like {args.like}" if args.like else repr(args.text)
+    print(f"{len(hits)} of {len(library)} slides, {what}:")
+    for rank, hit in enumerate(hits, 1):
+        where = (f"   best region x {hit.box[0]}-{hit.box[2]}, y {hit.box[1]}-{hit.box[3]}: {hit.region_score:.3f}"
+                 if hit.box else "")
+        print(f"{rank:>4}  {hit.score:8.3f}  {hit.name}{where}")
+    if args.csv:
+        write_csv(args.csv, header, rows)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[str]]:
+    """"necrosis=necrosis|necrotic debris" -> ("necrosis", [two phrasings]); a plain prompt names its class."""
+    name, _, phrases = prompt.partition("=") if "=" in prompt else (prompt, "", prompt)
+    phrases = [p.strip() for p in phrases.split("|") if p.strip()]
+    if not name.strip() or not phrases:
+        raise PathflipError(f"--prompt {prompt!r}: give a prompt, or CLASS=PROMPT|PROMPT|... for an ensemble")
+    return name.strip(), phrases
+
+
+def classify_library_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pathflip classify LIBRARY", description="Zero-shot classification of "
+                                     "every slide of a library: one CSV row per slide (to stdout or --csv).")
+    _add_library(parser)
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="one class: a prompt, or CLASS=PROMPT|PROMPT|... (a prompt ensemble); repeat per class")
+    args = parser.parse_args(argv)
+    classes = dict(parse_prompt(p) for p in args.prompt)
+    library = _library(args)
+    header = ["slide", "predicted", *(f"p[{c}]" for c in classes), *(f"present[{c}]" for c in classes), "path"]
+    rows = []
+    for row, probabilities, presence in library.classify(classes):
+        best = max(probabilities, key=probabilities.get)
+        rows.append([library.names[row], best, *(f"{probabilities[c]:.4f}" for c in classes),
+                     *(f"{presence[c]:.4f}" for c in classes), library.paths[row]])
+    if args.csv:
+        write_csv(args.csv, header, rows)
+        print(f"wrote {args.csv}: {len(rows)} slide(s)")
+    else:
+        write_csv(sys.stdout, header, rows)
+    return 0
