@@ -6,8 +6,8 @@ as polygons) become `Annotation`s with their name, classification (name, colour)
 points and lines are left out and counted. Coordinates are level-0 pixels (x, y), as QuPath writes them: pixel i
 covers [i, i + 1).
 
-Write: `feature_collection` is the one GeoJSON writer (the heatmap's box export goes through it too), so what is
-read is written back unchanged.
+Write: `feature_collection` is the one GeoJSON writer (the heatmap's box export goes through it too): what is read
+is written back unchanged, class colours in QuPath 0.3+'s [r, g, b] form.
 
 Score: `mask_for` says which patches lie inside an annotated class (patch centre in a polygon, holes excluded);
 `evaluate_grounding` scores a query's patch heatmap against them (patch AUROC, pointing game). `auroc` and
@@ -243,18 +243,18 @@ def evaluate_grounding(analysis, annotations: Annotations, class_name: str | Non
     if not truth.any():
         bounds = np.array([a.bounds for a in annotations.of_class(class_name)])
         coords = encoding.patch_coords
+        far = coords.max(0) + encoding.patch_size_level0
+        which = "annotations" if class_name is None else f"{class_name!r} annotations"
         raise PathflipError(
-            f"none of the slide's {len(coords)} tissue patches has its centre inside the "
-            f"{'annotations' if class_name is None else repr(class_name) + ' annotations'} (they span x "
-            f"{bounds[:, 0].min():.0f}-{bounds[:, 2].max():.0f}, y {bounds[:, 1].min():.0f}-{bounds[:, 3].max():.0f}; the "
-            f"patches x {coords[:, 0].min()}-{coords[:, 0].max() + encoding.patch_size_level0}, y "
-            f"{coords[:, 1].min()}-{coords[:, 1].max() + encoding.patch_size_level0} level-0 px). Are they drawn on "
-            "this slide, in level-0 pixels?")
+            f"none of the slide's {len(coords)} tissue patches has its centre inside the {which} (they span x "
+            f"{bounds[:, 0].min():.0f}-{bounds[:, 2].max():.0f}, y {bounds[:, 1].min():.0f}-{bounds[:, 3].max():.0f}; "
+            f"the patches x {coords[:, 0].min()}-{far[0]}, y {coords[:, 1].min()}-{far[1]} level-0 px). Are they "
+            "drawn on this slide, in level-0 pixels?")
     result = analysis.model.ground(encoding, query, top_k=1, patch_level=True,
                                    explain_regions=encoding.num_regions, method=method)
     scores = np.asarray(result.patch_scores, dtype=np.float64)
     scored = np.isfinite(scores)
-    return {"query": query, "class": class_name, "method": result.method, "patches": int(len(scores)),
+    return {"query": query, "class": class_name, "method": result.method, "patches": len(scores),
             "patches_inside": int(truth.sum()), "patches_scored": int(scored.sum()),
             "auroc": auroc(truth[scored], scores[scored]),
             "pointing_game": pointing_hit(scores[scored], truth[scored])}

@@ -131,8 +131,8 @@ def write_manifest(folder: str | os.PathLike) -> Path:
 
 
 def write_encoder(folder: str | os.PathLike, encoder: str) -> Path:
-    """encoder.json in a weights folder (the patch encoder its features came from), then its manifest again: every
-    file written into a weights folder after save_pretrained goes through here or write_manifest."""
+    """encoder.json in a weights folder (the patch encoder its features came from), then its manifest again, so a
+    folder finished by training (save_pretrained, then this) has a manifest of exactly what it holds."""
     from .files import atomic_write_text
 
     folder = Path(folder)

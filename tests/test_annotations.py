@@ -4,12 +4,20 @@ reproducing the synthetic test split's patch AUROC from the finding masks writte
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from napari_pathflip.annotations import (Annotation, Annotations, evaluate_grounding, feature_collection, mask_for,
-                                         read_geojson, save_geojson)
+from napari_pathflip.annotations import (
+    Annotation,
+    Annotations,
+    evaluate_grounding,
+    feature_collection,
+    mask_for,
+    read_geojson,
+    save_geojson,
+)
 from napari_pathflip.errors import PathflipError
 from napari_pathflip.heatmap import boxes_geojson
 
@@ -139,8 +147,13 @@ def _slide_layer(viewer, slide_path):
 
 
 def test_shapes_layer_round_trip_keeps_coordinates_names_and_classes(viewer, slide_path, qupath_file, tmp_path):
-    from napari_pathflip.viewer.annotations import (add_annotations, layer_annotations, napari_get_reader,
-                                                    save_layer_geojson, write_geojson)
+    from napari_pathflip.viewer.annotations import (
+        add_annotations,
+        layer_annotations,
+        napari_get_reader,
+        save_layer_geojson,
+        write_geojson,
+    )
 
     slide = _slide_layer(viewer, slide_path)
     annotations = read_geojson(qupath_file)
@@ -164,7 +177,7 @@ def test_shapes_layer_round_trip_keeps_coordinates_names_and_classes(viewer, sli
     assert _geometries(feature_collection(layer_annotations(layer))) == [f["geometry"] for f in KEPT]
     # napari's writer protocol (File > Save Selected Layer(s) with the manifest's writer) gives the same file
     written = write_geojson(str(tmp_path / "writer.geojson"), *layer.as_layer_data_tuple()[:2])
-    assert json.loads(open(written[0]).read())["features"] == WRITTEN
+    assert json.loads(Path(written[0]).read_text())["features"] == WRITTEN
 
     # edits come back: a moved vertex, a renamed class, a deleted hole, a polygon and an ellipse drawn in napari
     moved = layer.data[4].copy()
@@ -279,7 +292,7 @@ def test_evaluate_grounding_reproduces_the_synthetic_patch_auroc(synthetic):
 def test_evaluate_grounding_command_prints_the_scores(synthetic, capsys, tmp_path):
     from napari_pathflip.commands import main
 
-    spec, analysis, path = synthetic
+    _, analysis, path = synthetic
     common = [analysis.slide_path, str(path), "necrosis", "--weights", str(analysis.weights), "--cache",
               str(analysis.cache_dir), "--device", "cpu"]
     assert main(["evaluate-grounding", *common, "--class", "necrosis"]) == 0

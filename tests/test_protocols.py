@@ -124,7 +124,8 @@ def test_a_missing_h5_is_named_as_missing(root, weights, tmp_path, capsys):
     assert main(["protocol", "zeroshot", str(_write(tmp_path / "z.csv", rows)), "--out", str(tmp_path / "o"),
                  "--root", str(root), "--weights", str(weights), "--class", "A=a", "--class", "B=b"]) == 2
     err = capsys.readouterr().err
-    assert "1 feature file(s)" in err and "are missing under --root" in err and str(root / "features/TCGA/0/absent.h5") in err
+    assert "1 feature file(s)" in err and "are missing under --root" in err
+    assert str(root / "features/TCGA/0/absent.h5") in err
     assert not (tmp_path / "o" / "zeroshot_predictions.csv").exists()  # stopped before anything was computed
     with pytest.raises(PathflipError, match="the feature file is missing"):
         read_h5(root / "features" / "absent.h5")
@@ -163,7 +164,8 @@ def test_vqa_predictions_are_what_evaluate_vqa_scores(root, weights, chat_folder
 
 def test_captions_and_retrieval_over_a_caption_csv(root, weights, chat_folder, tmp_path, capsys, monkeypatch):
     rows = [{"ID": f"c{i}", "Slide": _slide(i), "Tumor": "LUAD", "Question": f"Describe slide {i}.",
-             "Caption": f"Invasive adenocarcinoma with necrosis in area {i}. Margins are clear."} for i in range(SLIDES)]
+             "Caption": f"Invasive adenocarcinoma with necrosis in area {i}. Margins are clear."}
+            for i in range(SLIDES)]
     table = _write(tmp_path / "captions.csv", rows)
     common = ["--root", root, "--weights", weights, "--device", "cpu", "--patch-size-level0", PATCH]
     chat = ["--chat", chat_folder, "--max-new-tokens", 12]

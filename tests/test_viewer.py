@@ -123,3 +123,25 @@ def test_screenshot_shows_slide_pixels(viewer, wsi_dir, tmp_path):
     assert _tissue_fraction(empty) == 0.0
     assert _tissue_fraction(canvas) > 0.05
     assert shot.shape[0] > canvas.shape[0] or shot.shape[1] > canvas.shape[1]  # the whole window was captured
+
+
+def test_panning_a_small_slide_at_full_resolution_reads_nothing_more(viewer, wsi_dir, monkeypatch):
+    """CMU's level 0 fits one texture, so it is one chunk: the first full-resolution view reads it whole and
+    panning across it reads nothing again (napari re-reads only when a view leaves the chunks it read)."""
+    from napari_pathflip.slide import _Level
+
+    (layer,) = viewer.open(str(wsi_dir / "CMU-1-Small-Region.svs"), plugin=PLUGIN)
+    mpp = layer.scale[-1]
+    viewer.camera.zoom = 1.0 / mpp
+    viewer.camera.center = (1000 * mpp, 800 * mpp)
+    viewer.screenshot(canvas_only=True)
+    assert layer.data_level == 0
+    reads = []
+    getitem = _Level.__getitem__
+    monkeypatch.setattr(_Level, "__getitem__", lambda self, key: reads.append(key) or getitem(self, key))
+    shots = []
+    for y, x in ((2400, 1600), (600, 600), (1500, 1200)):
+        viewer.camera.center = (y * mpp, x * mpp)
+        shots.append(viewer.screenshot(canvas_only=True))
+    assert all(_tissue_fraction(shot) > 0.01 for shot in shots) and not np.array_equal(shots[0], shots[1])
+    assert layer.data_level == 0 and reads == []

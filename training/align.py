@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from napari_pathflip.errors import PathflipError
+from napari_pathflip.weights import write_encoder
 from training.data import AlignmentDataset, FeatureSlides, collate_alignment
 from training.schedule import lr_at
 from training.text import SubcaptionConfig
@@ -533,7 +534,7 @@ def train(config: AlignConfig, resume: bool = False) -> Path:
     final = out_dir / "final"
     if rank == 0:
         model.save_pretrained(final)
-        (final / "encoder.json").write_text(json.dumps({"encoder": config.encoder}) + "\n")
+        write_encoder(final, config.encoder)
         print(f"weights: {final}", flush=True)
     _barrier()
     if world > 1 and dist.is_initialized():

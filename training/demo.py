@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from napari_pathflip.errors import PathflipError
+from napari_pathflip.weights import WeightsFolder, write_encoder
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
         shutil.rmtree(pathflip)
     # shipped in float16 (half the bytes in the repository); everything below is measured on this copy
     PathFLIP.from_pretrained(final).save_pretrained(pathflip, dtype=torch.float16)
-    shutil.copy(final / "encoder.json", pathflip / "encoder.json")
+    write_encoder(pathflip, WeightsFolder(final).encoder)
     stage("align")
 
     # in place: the head is added, every other tensor is written back unchanged (float16 -> float16)

@@ -36,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 from napari_pathflip.errors import PathflipError
 from napari_pathflip.files import atomic_write, atomic_write_json, atomic_write_text
@@ -56,24 +57,13 @@ class SlideFeatures:
         self.model, self.root, self.patch_size_level0 = model, Path(root), patch_size_level0
         self._last: tuple[str, object] | None = None
 
-    def path(self, reference: str) -> Path:
-        return self.root / reference.strip()
-
-    def check(self, references, csv_path: str | Path) -> None:
-        """A PathflipError naming every h5 file of `references` that is missing."""
-        missing = list(dict.fromkeys(str(self.path(r)) for r in references if not self.path(r).is_file()))
-        if missing:
-            shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise PathflipError(f"{len(missing)} feature file(s) named by {csv_path} are missing under --root "
-                                f"{self.root}:\n  {shown}\nCheck --root (the CSV's paths are relative to it).")
-
     def encode(self, reference: str):
         """The SlideEncoding of one h5 file (no patch features kept: no patch-level attention grounding needed)."""
         from napari_pathflip.features import read_h5
 
         if self._last is not None and self._last[0] == reference:
             return self._last[1]
-        path = self.path(reference)
+        path = self.root / reference.strip()
         features = read_h5(path, region_patches=self.model.config.region_patches,
                            patch_size_level0=self.patch_size_level0)
         try:
@@ -83,6 +73,23 @@ class SlideFeatures:
             raise PathflipError(f"{path}: {exc}") from exc
         self._last = (reference, encoding)
         return encoding
+
+
+def slide_references(task: str, csv_path: str | Path, feature_column: str = DEFAULT_FEATURE_COLUMN) -> list[str]:
+    """The h5 paths a task's CSV names, row by row."""
+    if task == "zeroshot":
+        return [row[feature_column] for row in read_csv_rows(csv_path, (*ZERO_SHOT_COLUMNS, feature_column))]
+    return [record.slide for record in (read_vqa_csv if task == "vqa" else read_caption_csv)(csv_path)]
+
+
+def check_features(root: str | Path, references: list[str], csv_path: str | Path) -> None:
+    """A PathflipError naming every h5 file of `references` missing under `root` (before any model is loaded)."""
+    paths = [Path(root) / r.strip() for r in references]
+    missing = list(dict.fromkeys(str(path) for path in paths if not path.is_file()))
+    if missing:
+        shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise PathflipError(f"{len(missing)} feature file(s) named by {csv_path} are missing under --root {root}:"
+                            f"\n  {shown}\nCheck --root (the CSV's paths are relative to it).")
 
 
 # --------------------------------------------------------------------------------------------------- zero-shot
@@ -100,7 +107,7 @@ def read_classes(classes_file: str | Path | None, pairs: list[str] | None) -> di
             data = tomllib.loads(path.read_text()) if path.suffix.lower() == ".toml" else json.loads(path.read_text())
         except ValueError as exc:
             raise PathflipError(f"--classes {path} is not valid {path.suffix[1:].upper() or 'JSON'} ({exc}).") from exc
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or not all(isinstance(v, (str, list)) for v in data.values()):
             raise PathflipError(f"--classes {path}: write one entry per class, {{\"NAME\": [\"prompt\", ...]}}.")
         classes.update({str(k): [v] if isinstance(v, str) else [str(p) for p in v] for k, v in data.items()})
     for pair in pairs or []:
@@ -126,7 +133,6 @@ def zeroshot(model, csv_path: str | Path, features: SlideFeatures, classes: dict
     if unknown:
         raise PathflipError(f"{csv_path}: label(s) {', '.join(map(repr, unknown))} have no prompts; the classes are "
                             f"{', '.join(map(repr, names))}. Name the classes as the CSV's labels.")
-    features.check([row[feature_column] for row in rows], csv_path)
     probabilities = np.stack([model.classify(features.encode(row[feature_column]), classes).cpu().numpy()
                               for row in _progress(rows, "zero-shot")])
     labels = np.array([names.index(row["label"].strip()) for row in rows])
@@ -138,8 +144,6 @@ def zeroshot(model, csv_path: str | Path, features: SlideFeatures, classes: dict
     scores = out_dir / "zeroshot_scores.npz"
     atomic_write(scores, lambda tmp: np.savez(tmp, probs=probabilities, labels=labels), suffix=".npz")
     result = _evaluate("zeroshot", "--scores", scores)
-    from sklearn.metrics import balanced_accuracy_score
-
     result["balanced_accuracy"] = float(balanced_accuracy_score(labels, predicted))
     result["auc_per_class"] = dict(zip(names, result["auc_per_class"]))
     return {**result, "classes": classes, "predictions": str(predictions), "scores": str(scores)}
@@ -153,7 +157,6 @@ def vqa(engine, csv_path: str | Path, features: SlideFeatures, out_dir: Path, ma
     from training.instruct import choice_parts
 
     questions = read_vqa_csv(csv_path)
-    features.check([q.slide for q in questions], csv_path)
     settings = _greedy(engine, max_new_tokens)
     rows = []
     for question in _progress(questions, "VQA"):
@@ -168,7 +171,6 @@ def vqa(engine, csv_path: str | Path, features: SlideFeatures, out_dir: Path, ma
 
 def captions(engine, csv_path: str | Path, features: SlideFeatures, out_dir: Path, max_new_tokens: int) -> dict:
     records = read_caption_csv(csv_path)
-    features.check([r.slide for r in records], csv_path)
     settings = _greedy(engine, max_new_tokens)
     rows = [[r.id, engine.conversation(features.encode(r.slide)).ask(r.turns[0][0], settings).text]
             for r in _progress(records, "captions")]
@@ -195,7 +197,6 @@ def retrieval(model, csv_path: str | Path, features: SlideFeatures, out_dir: Pat
     if repeated:
         raise PathflipError(f"{csv_path}: retrieval pairs each slide with one caption, but {len(repeated)} slide(s) "
                             f"have several (e.g. {repeated[0]}). Keep one row per slide.")
-    features.check([r.slide for r in records], csv_path)
     encodings = [features.encode(r.slide) for r in _progress(records, "retrieval")]
     texts = [r.turns[0][1] for r in records]
     ranked = metrics.retrieval_recall(model.retrieval_scores(encodings, texts).T)  # [slides, texts]
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     classes = read_classes(args.classes, args.pairs) if args.task == "zeroshot" else None
+    check_features(args.root, slide_references(args.task, args.csv, getattr(args, "feature_column",
+                                                                             DEFAULT_FEATURE_COLUMN)), args.csv)
     weights = WeightsFolder.resolve(args.weights).check()
     model = load_model(weights, device=args.device)
     features = SlideFeatures(model, args.root, args.patch_size_level0)

@@ -85,6 +85,25 @@ class Backend(ABC):
     def close(self) -> None: ...
 
 
+class OpenSlideLikeBackend(Backend):
+    """A backend whose `_handle` follows OpenSlide's API (tiffslide copies it): associated images as PIL images."""
+
+    _handle: object
+
+    @property
+    def associated_names(self) -> list[str]:
+        return list(self._handle.associated_images.keys())
+
+    def associated_image(self, name: str) -> np.ndarray | None:
+        images = self._handle.associated_images
+        if name not in images:
+            return None
+        return np.asarray(images[name].convert("RGB"))
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def open_backend(path: str, storage_options: dict | None = None, backend: str | None = None) -> Backend:
     """Open `path` (a local path or an fsspec URL) with the backend that reads it, or the one named in `backend`.
 

@@ -8,7 +8,8 @@ import os
 import numpy as np
 
 from ..errors import PathflipError
-from . import OPENSLIDE_SUFFIXES, SUPPORTED, Backend, NativeLevel, Unrecognised, content_digest, format_name
+from . import (OPENSLIDE_SUFFIXES, SUPPORTED, NativeLevel, OpenSlideLikeBackend, Unrecognised, content_digest,
+               format_name)
 
 INSTALL = "pip install openslide-bin openslide-python"
 COMPANIONS = ("Check that the files that come with it are complete beside it (an .mrxs needs its folder of the same "
@@ -44,7 +45,7 @@ class OpenSlideLevel(NativeLevel):
         return ((rgb + 127) // 255).astype(np.uint8)
 
 
-class OpenSlideBackend(Backend):
+class OpenSlideBackend(OpenSlideLikeBackend):
     name = "openslide"
 
     def __init__(self, path: str, storage_options: dict | None = None):
@@ -89,19 +90,6 @@ class OpenSlideBackend(Backend):
         power = props.get("openslide.objective-power")
         self.objective_power = float(power) if power else None
         self.fingerprint = _fingerprint(path, handle, props)
-
-    @property
-    def associated_names(self) -> list[str]:
-        return list(self._handle.associated_images.keys())
-
-    def associated_image(self, name: str) -> np.ndarray | None:
-        images = self._handle.associated_images
-        if name not in images:
-            return None
-        return np.asarray(images[name].convert("RGB"))
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 def _fingerprint(path: str, handle, props: dict) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import PathflipError
 from ..tiles import TileLevel, TileUnavailable
-from . import SUPPORTED, Backend, NativeLevel, Unrecognised, content_digest
+from . import SUPPORTED, NativeLevel, OpenSlideLikeBackend, Unrecognised, content_digest
 
 # what tiffslide and tifffile raise for a file that is not (or not entirely) a TIFF they can parse
 UNREADABLE = (ValueError, KeyError, IndexError, NotImplementedError, OSError)
@@ -51,7 +51,7 @@ class TiffLevel(NativeLevel):
         return np.asarray(self.array[y0:y1, x0:x1])[..., :3]
 
 
-class TiffSlideBackend(Backend):
+class TiffSlideBackend(OpenSlideLikeBackend):
     name = "tiffslide"
 
     def __init__(self, path: str, storage_options: dict | None = None):
@@ -85,19 +85,6 @@ class TiffSlideBackend(Backend):
         self.mpp_origin = "the TIFF resolution tag" if self.mpp_from_tag else f"the {self.vendor or 'file'} metadata"
         power = props.get("tiffslide.objective-power")
         self.objective_power = float(power) if power else None
-
-    @property
-    def associated_names(self) -> list[str]:
-        return list(self._handle.associated_images.keys())
-
-    def associated_image(self, name: str) -> np.ndarray | None:
-        images = self._handle.associated_images
-        if name not in images:
-            return None
-        return np.asarray(images[name].convert("RGB"))
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 def not_a_slide(path: str, exc: Exception) -> str:

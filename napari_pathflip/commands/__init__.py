@@ -5,6 +5,7 @@
     chat, caption       chat.py       ask about a slide, describe it (streamed)
     index, search       library.py    a slide library: index a cohort, search it, classify every slide
     evaluate-grounding  annotations.py  a query's heatmap scored against QuPath annotations
+    verify              verify.py     is a weights folder, chat folder or library whole?
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS = {
     "caption": ("chat:caption_main", "describe a slide (streamed)"),
     "evaluate-grounding": ("annotations:evaluate_grounding_main",
                            "score a query's heatmap against annotated areas (QuPath GeoJSON): AUROC, pointing game"),
+    "verify": ("verify:verify_main", "check weights folders and slide libraries for damage (sha256, checksums)"),
 }
 
 

@@ -13,12 +13,17 @@ from .options import (add_allow_pickle, add_device, add_encoder, add_mpp, add_pr
 
 def index_main(argv: list[str]) -> int:
     from ..extraction import shard
-    from ..library import LibraryConfig, index_slides
+    from ..library import LibraryConfig, index_slides, is_library
 
     parser = argparse.ArgumentParser(prog="pathflip index", description="Index slides into a library (resumable: "
                                      "a rerun adds only new slides). Under torchrun rank r of w takes every w-th.")
-    parser.add_argument("inputs", nargs="+", metavar="FOLDER_OR_CSV", help="slide files, folders or CSV files")
+    parser.add_argument("inputs", nargs="*", metavar="FOLDER_OR_CSV",
+                        help="slide files, folders or CSV files (none: only commit what an interrupted run left "
+                             "pending, and --repair)")
     parser.add_argument("--out", required=True, help="library folder (created on first use)")
+    parser.add_argument("--repair", action="store_true",
+                        help="first rewrite a damaged library from its readable rows and index the slides of the "
+                             "damaged ones again (from the feature cache); `pathflip verify LIBRARY` shows the damage")
     add_weights(parser, default="those of the library, else $PATHFLIP_WEIGHTS or the bundled demo")
     parser.add_argument("--cache", help="feature/encoding cache (default: LIBRARY/cache)")
     add_encoder(parser)
@@ -30,7 +35,10 @@ def index_main(argv: list[str]) -> int:
     add_progress(parser)
     args = parser.parse_args(argv)
 
-    slides, rank, world = shard(slide_inputs(args.inputs))
+    if not args.inputs and not is_library(args.out):
+        raise PathflipError(f"{args.out} is not a library yet: give the slides to index (files, folders or CSV "
+                            "lists).")
+    slides, rank, world = shard(slide_inputs(args.inputs) if args.inputs else [])
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     print(f"{prefix}{len(slides)} slide(s) -> {args.out}", flush=True)
     bar = None
@@ -47,10 +55,18 @@ def index_main(argv: list[str]) -> int:
     try:
         summary = index_slides(slides, args.out, weights=args.weights, cache_dir=args.cache, encoder=args.encoder,
                                device=args.device, mpp=args.mpp, config=LibraryConfig(prototypes=args.prototypes),
-                               progress=progress, allow_pickle=args.allow_pickle)
+                               progress=progress, allow_pickle=args.allow_pickle, repair=args.repair,
+                               on_wait=lambda message: print(f"{prefix}{message}", flush=True))
     finally:
         if bar is not None:
             bar.close()
+    if summary.repair is not None:
+        repair = summary.repair
+        what = (f"kept {repair.kept} row(s), dropped {len(repair.dropped)} damaged one(s)" if repair.rewritten
+                else "nothing was damaged")
+        print(f"{prefix}repair: {what}")
+        for path, why in repair.dropped:
+            print(f"  dropped  {path or 'a slide the library no longer names (index it again)'}: {why}")
     print(f"{prefix}summary: {len(summary.indexed)} indexed, {len(summary.skipped)} skipped (already in the "
           f"library), {len(summary.failed)} failed; the library holds {summary.count} slide(s)")
     for path, reason in summary.failed:
@@ -66,8 +82,17 @@ def _add_library(parser: argparse.ArgumentParser) -> None:
 
 
 def _library(args):
-    from ..library import Library
+    """The library, with a note on stderr when finished slides still wait in pending/ (an interrupted index)."""
+    from ..library import Library, Table
 
+    table = Table(args.library)  # a damaged library or pending slides are told before the model loads
+    waiting = table.pending
+    if waiting and not table.count:
+        raise PathflipError(f"{args.library} holds no slides yet: {waiting} finished slide(s) wait in its pending/ "
+                            f"folder (an interrupted index). Run `pathflip index --out {args.library}` to add them.")
+    if waiting:
+        print(f"note: {waiting} finished slide(s) in {args.library}/pending are not in the library yet (an "
+              f"interrupted index): run `pathflip index --out {args.library}` to add them.", file=sys.stderr)
     return Library(args.library, weights=args.weights, device=args.device)
 
 

@@ -15,8 +15,8 @@ import numpy as np
 from ..analysis import SlideAnalysis, load_model
 from ..errors import PathflipError
 from ..weights import WeightsFolder
-from .store import (CACHE, LibraryConfig, commit, known_fingerprints, prepare_table, recorded_weights, stored_path,
-                    write_pending)
+from .store import (CACHE, LibraryConfig, Repair, commit, indexing, is_library, known_fingerprints, prepare_table,
+                    recorded_weights, repair_table, stored_path, write_pending)
 
 
 @dataclass
@@ -26,6 +26,7 @@ class IndexSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (slide, what went wrong)
     cancelled: bool = False
     count: int = 0  # rows in the library afterwards
+    repair: Repair | None = None  # what --repair did (repair=True)
 
 
 # (slide number, slides, slide name, patches done, patches of the slide) -> False to cancel
@@ -43,13 +44,18 @@ def indexing_weights(library, weights=None) -> WeightsFolder:
 def index_slides(slides: Sequence[str], library, *, weights=None, cache_dir=None, encoder: str | None = None,
                  device: str = "auto", mpp: float | None = None, config: LibraryConfig | None = None,
                  progress: IndexProgress | None = None, cancel: threading.Event | None = None,
-                 allow_pickle: bool = False, model=None) -> IndexSummary:
+                 allow_pickle: bool = False, model=None, repair: bool = False,
+                 on_wait: Callable[[str], None] | None = None) -> IndexSummary:
     """Add `slides` to the library folder `library` (created on first use): features (resumable store), encoding
     (cached), the compact row; slides already in the library are skipped, a slide that cannot be read is recorded
     in the summary and the others go on. Finished slides are committed to the table at the end, also when
     cancelled (`cancel` set or `progress` returning False): the next run continues with the rest.
 
-    `weights`: see indexing_weights; `model`: the PathFLIP already loaded from them (the viewer shares one)."""
+    `weights`: see indexing_weights; `model`: the PathFLIP already loaded from them (the viewer shares one).
+    `repair`: first rewrite a damaged table from its readable rows (store.repair_table) and index the slides of the
+    dropped rows again (from the feature cache). A second run into the same library waits for the first
+    (store.indexing; `on_wait` is told once)."""
+    from ..commands.options import unexpected
     from ..extraction import ExtractionCancelled
     from ..slide import open_slide
 
@@ -59,37 +65,43 @@ def index_slides(slides: Sequence[str], library, *, weights=None, cache_dir=None
     model = model if model is not None else load_model(weights, allow_pickle, device)
     encoder = encoder or weights.encoder
     cache = Path(cache_dir).resolve() if cache_dir else folder / CACHE
-    prepare_table(folder, weights, encoder, cache, model.config.embed_dim, config)
-    known = known_fingerprints(folder)
     summary = IndexSummary()
-    for number, path in enumerate(slides):
-        name = Path(str(path).rstrip("/")).name
+    with indexing(folder, on_wait):
+        if repair and is_library(folder):
+            summary.repair = repair_table(folder)
+            slides = list(dict.fromkeys([*slides, *(path for path, _ in summary.repair.dropped if path)]))
+        prepare_table(folder, weights, encoder, cache, model.config.embed_dim, config)
+        known = known_fingerprints(folder)
+        for number, path in enumerate(slides):
+            name = Path(str(path).rstrip("/")).name
 
-        def patches(done: int, total: int, number=number, name=name):
-            return progress(number, len(slides), name, done, total) if progress else None
+            def patches(done: int, total: int, number=number, name=name):
+                return progress(number, len(slides), name, done, total) if progress else None
 
-        if (cancel is not None and cancel.is_set()) or patches(0, 0) is False:
-            summary.cancelled = True
-            break
-        try:
-            with open_slide(path, mpp=mpp) as slide:
-                if slide.fingerprint in known:
-                    summary.skipped.append(str(path))
-                    continue
-                analysis = SlideAnalysis(path, weights, cache, encoder, device, mpp, allow_pickle, model=model)
-                analysis.prepare(progress=patches, cancel=cancel)
-                entry = _entry(analysis, slide, folder, config)
-            write_pending(folder, entry)
-            known.add(slide.fingerprint)
-            summary.indexed.append(str(path))
-        except ExtractionCancelled:
-            summary.cancelled = True
-            break
-        except (PathflipError, OSError) as exc:
-            summary.failed.append((str(path), str(exc)))
-    if progress:
-        progress(len(slides), len(slides), "", 0, 0)
-    summary.count = commit(folder)
+            if (cancel is not None and cancel.is_set()) or patches(0, 0) is False:
+                summary.cancelled = True
+                break
+            try:
+                with open_slide(path, mpp=mpp) as slide:
+                    if slide.fingerprint in known:
+                        summary.skipped.append(str(path))
+                        continue
+                    analysis = SlideAnalysis(path, weights, cache, encoder, device, mpp, allow_pickle, model=model)
+                    analysis.prepare(progress=patches, cancel=cancel)
+                    entry = _entry(analysis, slide, folder, config)
+                write_pending(folder, entry)
+                known.add(slide.fingerprint)
+                summary.indexed.append(str(path))
+            except ExtractionCancelled:
+                summary.cancelled = True
+                break
+            except (PathflipError, OSError) as exc:
+                summary.failed.append((str(path), str(exc)))
+            except Exception as exc:  # a bug on one slide must not cost the cohort its other slides
+                summary.failed.append((str(path), unexpected(exc)))
+        if progress:
+            progress(len(slides), len(slides), "", 0, 0)
+        summary.count = commit(folder)
     return summary
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -43,7 +44,11 @@ def load_tokenizer(directory: Path, required: bool = True):
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
         cls = transformers.AutoTokenizer
-    return cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    try:
+        return cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # tokenizers raises its own exception types for a garbled tokenizer.json
+        raise PathflipError(f"the tokenizer in {directory} cannot be loaded ({type(exc).__name__}: {exc}); the "
+                            "files are damaged: restore the folder from where you got it.") from exc
 
 
 def text_tower_dir(name: str, weights_dir: Path) -> Path:
@@ -68,17 +73,71 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def read_config(path: Path):
+    """The PathFLIPConfig in a weights folder's config.json: invalid JSON, a field of the wrong type or an impossible
+    value is a PathflipError naming the file and the field (never a traceback from deep inside the model)."""
+    import dataclasses
+    import typing
+
+    from .config import PathFLIPConfig
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PathflipError(f"{path} cannot be read as JSON ({exc}): the file is damaged; restore the weights "
+                            "folder from where you got it.") from exc
+    if not isinstance(data, dict):
+        raise PathflipError(f"{path} must hold a JSON object of PathFLIP config fields; restore the weights folder.")
+    hints = typing.get_type_hints(PathFLIPConfig)
+    for field in dataclasses.fields(PathFLIPConfig):
+        if field.name in data and not _is_type(data[field.name], hints[field.name]):
+            raise PathflipError(f"{path}: {field.name} is {data[field.name]!r}, which is not "
+                                f"{_TYPE_WORDS.get(hints[field.name], hints[field.name])}; fix the field or "
+                                "restore the weights folder.")
+    try:
+        return PathFLIPConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise PathflipError(f"{path}: {exc}; fix the config or restore the weights folder.") from exc
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is_type(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
 def load_state_dict(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """model.safetensors, or (only with allow_pickle=True) a pickle checkpoint loaded with weights_only=True."""
+    """model.safetensors, or (only with allow_pickle=True) a pickle checkpoint loaded with weights_only=True. A
+    file that does not parse (truncated, garbled, a pickle that asks for code) is a PathflipError naming it."""
     from safetensors.torch import load_file
 
     if (directory / MODEL_FILE).is_file():
-        return load_file(str(directory / MODEL_FILE))
+        try:
+            return load_file(str(directory / MODEL_FILE))
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+            raise PathflipError(f"{directory / MODEL_FILE} cannot be read ({exc}): the file is damaged or "
+                                "truncated; restore the weights folder from where you got it.") from exc
     pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if pickles and not allow_pickle:
         raise PathflipError(f"{pickles[0]} is a pickle checkpoint, which can run code when loaded; convert it to "
                             f"{MODEL_FILE} or pass allow_pickle=True if you trust its source")
     if pickles:
-        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
-        return state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError: it asks for code or objects weights_only refuses
+            # torch's message is a page of advice to load it unsafely; keep what it found ("Unsupported global")
+            found = re.search(r"WeightsUnpickler error: ([^.]*)", str(exc))
+            reason = found.group(1).strip() if found else type(exc).__name__
+            raise PathflipError(f"{pickles[0]} was refused: it is not a plain weights checkpoint ({reason}). "
+                                "Pickles are loaded with weights_only=True, so files that ask to run code or "
+                                f"build objects are never loaded; convert the weights to {MODEL_FILE}.") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise PathflipError(f"{pickles[0]} holds no state dict of tensors; convert the weights to {MODEL_FILE}.")
+        return state
     raise PathflipError(f"no {MODEL_FILE} in {directory}: put the model weights there (safetensors format)")

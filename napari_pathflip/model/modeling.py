@@ -28,8 +28,9 @@ from torch import nn
 
 from ..errors import PathflipError
 from ..text import split_sentences
-from ..weights import CONFIG_FILE, MODEL_FILE, WeightsFolder
-from .checkpoint import default_bert_dir, load_state_dict, load_tokenizer, tensors_sha256, text_tower_dir
+from ..weights import CONFIG_FILE, MODEL_FILE, WeightsFolder, check_finite, verify_manifest, write_manifest
+from .checkpoint import (default_bert_dir, load_state_dict, load_tokenizer, read_config, tensors_sha256,
+                         text_tower_dir)
 from .config import PathFLIPConfig
 from .encoding import SlideEncoding
 from .grounding import GroundingMixin
@@ -206,7 +207,9 @@ class PathFLIP(GroundingMixin, ScoringMixin, nn.Module):
         """config.json + model.safetensors (+ tokenizer files), loadable with `from_pretrained`; `dtype` (e.g.
         torch.float16) stores floating-point tensors in that type (half the bytes; loading casts them back).
         With `config.text_tower` set (a text tower kept frozen from a BERT, see PathFLIPConfig) the tower's tensors
-        and the tokenizer are left out: they load from there, checked against text_tower_sha256."""
+        and the tokenizer are left out: they load from there, checked against text_tower_sha256. manifest.json
+        (weights.write_manifest) comes last; write other files into the folder with weights.write_encoder or
+        write_manifest again, or loading will call them damaged."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -219,20 +222,35 @@ class PathFLIP(GroundingMixin, ScoringMixin, nn.Module):
         save_file(state, str(directory / MODEL_FILE), metadata={"format": "pt"})
         if self.tokenizer is not None and not self.config.text_tower:
             self.tokenizer.save_pretrained(str(directory))
+        write_manifest(directory)  # last: the sha256 of every file, checked by from_pretrained
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, allow_pickle: bool = False,
                         device: str | torch.device = "cpu") -> "PathFLIP":
+        """The model saved in `directory`: its manifest checked first (weights damaged in place never load), the
+        config read field by field, and the loaded tensors checked for NaN/Inf. Each failure is one PathflipError."""
         directory = WeightsFolder(Path(directory)).check().path
-        config = PathFLIPConfig.load(directory / CONFIG_FILE)
+        verify_manifest(directory)
+        config = read_config(directory / CONFIG_FILE)
         tower = text_tower_dir(config.text_tower, directory) if config.text_tower else None
         tokenizer = load_tokenizer(directory, required=False)
-        model = cls(config, tokenizer or (load_tokenizer(tower) if tower is not None else None))
+        try:
+            model = cls(config, tokenizer or (load_tokenizer(tower) if tower is not None else None))
+        except (ValueError, RuntimeError, TypeError) as exc:  # sizes no layer can be built with
+            raise PathflipError(f"{directory / CONFIG_FILE} describes a model that cannot be built ({exc}): fix "
+                                "the config or restore the weights folder.") from exc
         state = load_state_dict(directory, allow_pickle)
         if tower is not None:
             state.update(model._text_tower_state(tower, stored=next(v.dtype for v in state.values()
                                                                     if v.is_floating_point())))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        check_finite(state, directory / MODEL_FILE)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensor shapes unlike the config's
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise PathflipError(f"the weights in {directory} do not match its config.json ({first}): the folder "
+                                "mixes files of different models; restore it or re-export with save_pretrained") \
+                from exc
         if missing or unexpected:
             raise PathflipError(f"weights in {directory} do not match its config.json (missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}): re-export the model with save_pretrained")

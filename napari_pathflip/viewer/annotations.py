@@ -7,7 +7,8 @@ dropped; features name and classify it ("name", "classification") and tie it to 
 
 napari keeps shape vertices in float32, so the level-0 coordinates as read (float64) travel in the layer's metadata:
 an unedited ring is written back exactly as it was read, an edited one from its vertices, and a shape drawn in napari
-becomes an annotation of its own (the layer's default class).
+becomes an annotation of its own, named and classified by the features napari gives it (the layer's feature
+defaults: the file's first class at first).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def shapes_layer_data(annotations: Annotations, slide_layer=None, name: str = "a
                 data.append(_open(ring)[:, ::-1] - 0.5)  # napari stores it as _shape_vertices(ring)
                 rows.append((annotation.name, annotation.classification, len(rings) - 1))
                 edges.append(colour)
-                faces.append(np.array([*colour[:3], 0.0 if hole else FACE_ALPHA]))
+                # napari fills a polygon whole, holes included: only a part without holes is filled
+                faces.append(np.array([*colour[:3], 0.0 if holes else FACE_ALPHA]))
     extent = float(np.ptp(np.concatenate(data), axis=0).max()) if data else 0.0
     classes = annotations.classes() if isinstance(annotations, Annotations) else {}
     kwargs = {
@@ -83,8 +85,10 @@ def shapes_annotations(data: list, attributes: dict) -> Annotations:
     receives)."""
     types = attributes.get("shape_type") or ["polygon"] * len(data)
     features = attributes.get("features")
-    column = lambda key, default: list(features[key]) if features is not None and key in features \
-        else [default] * len(data)  # noqa: E731
+
+    def column(key: str, default) -> list:
+        return list(features[key]) if features is not None and key in features else [default] * len(data)
+
     stored = (attributes.get("metadata") or {}).get(METADATA) or {"rings": {}, "annotations": []}
     to_level0 = _level0_mapping(attributes)
     shapes = [(np.asarray(v, dtype=np.float64)[:, -2:], kind, str(name), str(class_name),
