@@ -40,9 +40,9 @@ import torch
 
 from napari_pathflip.encoders import BuiltinEncoder, Encoder, HFVisionEncoder
 from napari_pathflip.extraction import (BatchReader, ExtractionConfig, Workers, EncoderRunner, encoded_batches,
-                                        extract_features, plan_workers, resolve_device, usable_cores)
+                                        extract_features, plan_workers, resolve_device)
 from napari_pathflip.slide import open_slide
-from napari_pathflip.tiles import TileLevel
+from napari_pathflip.tiles import TileLevel, usable_cores
 from napari_pathflip.tiling import TilingConfig, build_grid
 
 ROOT = Path(__file__).resolve().parents[1]

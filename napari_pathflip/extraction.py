@@ -13,6 +13,7 @@ so a resumed run computes exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from .errors import PathflipError
 from .weights import resolve_device
 from .features import FeatureSet, SlideStore, store_key
 from .slide import Slide, is_slide_path, open_slide
-from .tiles import PatchTiles, TileLevel, TileUnavailable
+from .tiles import PatchTiles, TileLevel, TileUnavailable, usable_cores
 from .tiling import PatchGrid, TilingConfig, build_grid, region_ids, resolve_mpp
 
 
@@ -42,6 +43,9 @@ class ExtractionCancelled(PathflipError):
 @dataclass
 class ExtractionConfig:
     batch_size: int = 64  # patches per read/encode batch (halved on CUDA out-of-memory for the forward pass)
+    # bound on one batch's patches as float32 (what the encoder's input holds): a batch_size past it is capped
+    # (batch_patches; the command says so), so --batch-size 100000 cannot take all memory
+    batch_memory_mb: int = 128
     # worker threads that decode batches (and on CPU encode them, see plan_workers); None: from the cores this
     # process may run on; 0: decode and encode in the calling thread
     num_workers: int | None = None
@@ -53,13 +57,6 @@ class ExtractionConfig:
     cpu_threads: int | None = None  # torch threads per encoding thread on CPU; None: the cores shared out
     reader: str = "auto"  # "auto": the file's tiles (tiles.py) where supported, else "slide": Slide.read_region
     allow_pickle: bool = False  # let encoders load pickle checkpoints (CONCH's pytorch_model.bin)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may use: its affinity mask (which containers and taskset narrow), shared with the
-    other torchrun processes on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 @dataclass(frozen=True)
@@ -101,6 +98,13 @@ def plan_workers(config: ExtractionConfig, device: torch.device, cores: int | No
         torch_threads = config.cpu_threads or 1
         return Workers(max(1, cores // torch_threads), torch_threads, "cpu")
     return Workers(config.num_workers, config.cpu_threads or max(1, cores // config.num_workers), "cpu")
+
+
+def batch_patches(config: ExtractionConfig, patch_size: int) -> int:
+    """The batch size extraction uses: config.batch_size, capped so that one batch of `patch_size`-px patches as
+    float32 fits config.batch_memory_mb (several batches are in flight: see encoded_batches)."""
+    per_patch = patch_size * patch_size * 3 * 4
+    return max(1, min(config.batch_size, config.batch_memory_mb * 2**20 // per_patch))
 
 
 ProgressFn = Callable[[int, int], "bool | None"]  # (patches done, total) -> False to cancel
@@ -353,6 +357,7 @@ def _extract(slide, store, encoder, key, device, tiling, config, progress, cance
         )
     stride0 = grid.patch_size_level0 if not tiling.stride else int(round(
         tiling.stride * grid.patch_size_level0 / tiling.patch_size))
+    config = dataclasses.replace(config, batch_size=batch_patches(config, grid.patch_size))
     runner = EncoderRunner(encoder, resolve_device(device), config)
     ids, origins = region_ids(grid.coords, grid.region_size_level0)
     plan = {

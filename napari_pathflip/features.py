@@ -12,7 +12,8 @@ fingerprint, encoder id, tiling config, pixel size and storage dtype, so any cha
     manifest.json    the completion mark, renamed into place last: sha256 and size of features.h5, N, D
 
 A store is complete exactly when manifest.json exists and features.h5 matches it; anything else is work in
-progress (resumed chunk by chunk) or damage (detected by checksum or shape and rebuilt).
+progress (resumed chunk by chunk) or damage (detected by checksum or shape and rebuilt). What a killed run leaves
+behind (temporary files, the chunks of a store it had just finished) is removed by the next run that takes the lock.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .files import atomic_write, atomic_write_json
 from .tiling import region_ids as compute_region_ids
 
 FORMAT_VERSION = 1
+STALE_SECONDS = 600  # a temporary encoding file this old belongs to a killed run (writing one takes seconds)
 _VERIFIED: dict[str, tuple[int, int]] = {}  # features.h5 path -> (size, mtime_ns) already checksummed here
 
 
@@ -82,6 +85,13 @@ def _jsonable(value):
     if isinstance(value, (np.ndarray, tuple)):
         return list(value)
     return str(value)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")  # gone already
 
 
 def _sha256(path: Path) -> str:
@@ -221,10 +231,11 @@ class SlideStore:
             feature_set.from_cache = True
             if feature_set.features.shape != (manifest["num_patches"], manifest["dim"]):
                 raise ValueError(f"features {feature_set.features.shape} differ from the manifest")
-            return feature_set
         except (OSError, ValueError, KeyError, PathflipError) as exc:
             self.discard_complete(reason=str(exc))
             return None
+        self._remove_finished_leftovers()
+        return feature_set
 
     def discard_complete(self, reason: str = "") -> None:
         """Forget a damaged finished store (the manifest goes first, so a crash here leaves it unfinished)."""
@@ -273,6 +284,33 @@ class SlideStore:
             raise PathflipError(
                 f"{self.dir} is being written by another process; wait for it or stop it, then run again."
             ) from exc
+        self._remove_leftovers()
+
+    def _leftovers(self) -> list[Path]:
+        """Temporary files of killed writers (atomic_write names them `.<name>.<random><suffix>`): those of the
+        store's own files and chunks (written only under its lock), and cached encodings' (written without it, so
+        only once they are STALE_SECONDS old)."""
+        found = [p for p in self.dir.glob(".*") if p.name != ".lock"]
+        found += list(self.chunks.glob(".*")) if self.chunks.is_dir() else []
+        now = time.time()
+        return [p for p in found if not p.name.startswith(".encoding-") or now - _mtime(p) > STALE_SECONDS]
+
+    def _remove_leftovers(self) -> None:
+        """Under the store lock: temporary files of killed writers, and the chunks of a finished store."""
+        for path in self._leftovers():
+            path.unlink(missing_ok=True)
+        if self.manifest.exists():
+            shutil.rmtree(self.chunks, ignore_errors=True)
+
+    def _remove_finished_leftovers(self) -> None:
+        """Without the lock, in a finished store: the chunks a run killed after the manifest left (nobody writes a
+        finished store's chunks) and stale temporary encodings. Temporary files of the store's own writes can only
+        be met under the lock (`lock` removes them)."""
+        shutil.rmtree(self.chunks, ignore_errors=True)
+        now = time.time()
+        for path in self.dir.glob(".encoding-*"):
+            if now - _mtime(path) > STALE_SECONDS:
+                path.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         """Release the lock; a folder where nothing was started (the slide failed before its grid) is removed."""

@@ -36,6 +36,7 @@ import numpy as np
 
 from .backends import SLIDE_SUFFIXES, Backend, NativeLevel, is_dicom_folder, open_backend
 from .errors import PathflipError
+from .tiles import usable_cores
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -232,17 +233,25 @@ class _TileSource(_Level):
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=self.dtype)
         bh, bw = self.blocks
 
-        def copy(by: int, bx: int) -> None:
-            key = (self.level, by, bx)
-            block = self.cache.get(key)
-            if block is None:
-                block, intact = self._read_or_grey(by, min(by + bh, self.shape[0]), bx, min(bx + bw, self.shape[1]))
-                if intact:  # a damaged tile is tried (and reported) again rather than kept grey
-                    self.cache.put(key, block)
+        def place(by: int, bx: int, block: np.ndarray) -> None:
             ys, ye, xs, xe = max(y0, by), min(y1, by + bh), max(x0, bx), min(x1, bx + bw)
             out[ys - y0 : ye - y0, xs - x0 : xe - x0] = block[ys - by : ye - by, xs - bx : xe - bx]
 
-        _each(copy, [(by, bx) for by in range(y0 - y0 % bh, y1, bh) for bx in range(x0 - x0 % bw, x1, bw)])
+        def decode(by: int, bx: int) -> None:
+            block, intact = self._read_or_grey(by, min(by + bh, self.shape[0]), bx, min(bx + bw, self.shape[1]))
+            if intact:  # a damaged tile is tried (and reported) again rather than kept grey
+                self.cache.put((self.level, by, bx), block)
+            place(by, bx, block)
+
+        missing = []
+        for by in range(y0 - y0 % bh, y1, bh):
+            for bx in range(x0 - x0 % bw, x1, bw):
+                block = self.cache.get((self.level, by, bx))
+                if block is None:
+                    missing.append((by, bx))
+                else:
+                    place(by, bx, block)
+        _each(decode, missing)
         return out
 
     def _read_or_grey(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, bool]:
@@ -331,8 +340,7 @@ class _TileCache:
 def _decoders() -> ThreadPoolExecutor:
     """Threads, one per usable core, that decode the tiles of a viewer read side by side (the decoders release the
     GIL). Shared by every open slide; a task here never waits on another task here."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ThreadPoolExecutor(max_workers=cores, thread_name_prefix="pathflip-tiles")
+    return ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="pathflip-tiles")
 
 
 def _each(function, items: list[tuple]) -> None:

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from .slide import Slide
 
 
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity mask (which containers and taskset narrow), shared with the
+    other torchrun processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 class TileUnavailable(Exception):
     """A tile that this reader does not decode: missing from the file or failing to decode (let the slide reader
     read that part: it fills missing tiles as the file says and names a damaged tile in its error)."""

@@ -1,7 +1,7 @@
 """Chat engine: splice, training labels, folders with LoRA, decoding (greedy, streaming, cancel), caps, errors.
 
-A tiny random Qwen3 model with a BPE tokenizer trained on report text (the real SlideBench captions when
-../shared is present, conftest.report_texts) stands in for the LLM.
+A tiny random Qwen3 model with a BPE tokenizer trained on report text (synthetic captions and report sentences,
+conftest.report_texts) stands in for the LLM.
 """
 
 import json
@@ -390,16 +390,19 @@ def test_region_tokens_are_capped_and_reported(llm, tokenizer):
 
 
 def test_clear_errors(llm, tokenizer, llm_dir, tmp_path):
-    engine = make_engine(llm, tokenizer, context_tokens=150)
+    question = [{"role": "user", "content": "Diagnosis?"}]
+    # the context: the question's text tokens (as this tokenizer counts them) + 80, so 61 visual tokens leave 19
+    text = len(tokenize_conversation(tokenizer, 1, question, ChatConfig(visual_dim=VISUAL_DIM),
+                                     add_generation_prompt=True)) - 1
+    engine = make_engine(llm, tokenizer, context_tokens=text + 80)
     conversation = engine.conversation(visual(4))
     for empty in ("", "   \n"):
         with pytest.raises(PathflipError, match="empty"):
             conversation.ask(empty)
     with pytest.raises(PathflipError, match="context"):
-        engine.generate(visual(200), [{"role": "user", "content": "Diagnosis?"}])
-    near = engine.generate(visual(60), [{"role": "user", "content": "Diagnosis?"}],
-                           GenerationSettings(max_new_tokens=500))
-    assert near.prompt_tokens + len(near.token_ids) <= 150 and "tokens of context" in near.notice
+        engine.generate(visual(200), question)
+    near = engine.generate(visual(60), question, GenerationSettings(max_new_tokens=500))
+    assert near.prompt_tokens + len(near.token_ids) <= text + 80 and "tokens of context" in near.notice
     with pytest.raises(PathflipError, match="expects 32-d"):
         engine.generate(torch.zeros(3, 64), [{"role": "user", "content": "Diagnosis?"}])
     with pytest.raises(PathflipError, match="multiple-choice"):
@@ -457,12 +460,17 @@ def test_projector_and_lora_learn_two_slides(llm, tokenizer):
         reply = trained.conversation(slide).ask_choice(question, options, GenerationSettings(max_new_tokens=40))
         assert reply.text == answer and reply.finish_reason == "eos" and reply.option_scores is None
         assert vqa_choice(reply.text) == answer[0]
-        # each slide's own learned answer is the likelier of the two
-        scores = trained.score_answers(slide, turns, answers)
-        assert scores[own] > scores[1 - own], scores
-    # ranking the options' own words is not for a chat trained on free reasons: the shorter option wins
+    # each answer is likelier after its own slide than after the other one (an answer against itself: how many
+    # tokens the tokenizer makes of it does not matter, as it would between two answers of a barely trained model)
+    scores = [trained.score_answers(slide, turns, answers) for slide in slides]  # [slide][answer]
+    for own in (0, 1):
+        assert scores[own][own] > scores[1 - own][own], scores
+    # "rank" scores each option's own words ("C. Lymphoma."), which a chat trained on free reasons never saw: the
+    # answer starts with the best-scored option, whichever its tokenizer makes cheapest
     ranked = trained.conversation(slides[0]).ask_choice(question, options, rule="rank")
-    assert vqa_choice(ranked.text) == "C" and ranked.text.startswith(option_answer("C", "Lymphoma"))
+    best = max(ranked.option_scores, key=ranked.option_scores.get)
+    assert set(ranked.option_scores) == set("ABCD") and vqa_choice(ranked.text) == best
+    assert ranked.text.startswith(option_answer(best, options["ABCD".index(best)]))
 
 
 def test_score_answers_equals_the_log_probability_of_each_answer(llm, tokenizer):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PathflipError
-from ..extraction import ExtractionConfig, extract_features, plan_workers, shard
+from ..extraction import ExtractionConfig, batch_patches, extract_features, plan_workers, shard
 from ..encoders import build_encoder
 from ..files import atomic_write_json
 from ..tiling import TilingConfig
@@ -51,6 +51,11 @@ def extract_main(argv: list[str]) -> int:
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     workers = plan_workers(config, resolve_device(args.device)).describe()
     print(f"{prefix}{len(slides)} slide(s) -> {args.out}; {workers}", flush=True)
+    batch = batch_patches(config, tiling.patch_size)
+    if batch < config.batch_size:
+        print(f"{prefix}batch size capped at {batch} patches: {config.batch_size} patches of {tiling.patch_size} px "
+              f"would take {config.batch_size * tiling.patch_size ** 2 * 12 / 2 ** 30:.1f} GB as float32 per batch "
+              f"(bound: {config.batch_memory_mb} MB, ExtractionConfig.batch_memory_mb)", flush=True)
     encoder = build_encoder(args.encoder, allow_pickle=args.allow_pickle)  # built once, shared by all slides
     summary: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     for path in slides:

@@ -82,45 +82,53 @@ def _add_library(parser: argparse.ArgumentParser) -> None:
 
 
 def _library(args):
-    """The library, with a note on stderr when finished slides still wait in pending/ (an interrupted index)."""
-    from ..library import Library, Table
+    from ..library import open_library
 
-    table = Table(args.library)  # a damaged library or pending slides are told before the model loads
-    waiting = table.pending
-    if waiting and not table.count:
-        raise PathflipError(f"{args.library} holds no slides yet: {waiting} finished slide(s) wait in its pending/ "
-                            f"folder (an interrupted index). Run `pathflip index --out {args.library}` to add them.")
-    if waiting:
-        print(f"note: {waiting} finished slide(s) in {args.library}/pending are not in the library yet (an "
-              f"interrupted index): run `pathflip index --out {args.library}` to add them.", file=sys.stderr)
-    return Library(args.library, weights=args.weights, device=args.device)
+    return open_library(args.library, weights=args.weights, device=args.device)
 
 
 def search_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pathflip search", description="Rank the slides of a library by a text "
-                                     "(with each slide's best region) or by their likeness to a slide (--like).")
+    parser = argparse.ArgumentParser(prog="pathflip search", description="Rank the slides of a library (or of a "
+                                     "folder of library shards) by a text (with each slide's best region), by their "
+                                     "likeness to a slide (--like) or by a region of a slide (--region).")
     _add_library(parser)
     parser.add_argument("text", nargs="?", help='what to find, e.g. "central necrosis"')
     parser.add_argument("--like", metavar="SLIDE", help="rank by likeness to this slide instead of a text")
+    parser.add_argument("--region", nargs=5, metavar=("SLIDE", "X0", "Y0", "X1", "Y1"),
+                        help="rank places like this level-0 box of a slide (in the library or not)")
     parser.add_argument("--top", type=positive_int, default=20)
     args = parser.parse_args(argv)
-    if (args.text is None) == (args.like is None):
-        parser.error("give a text or --like SLIDE (one of them)")
-    if args.like:
+    if sum(x is not None for x in (args.text, args.like, args.region)) != 1:
+        parser.error("give a text, --like SLIDE or --region SLIDE X0 Y0 X1 Y1 (one of them)")
+    box = None
+    if args.region:
+        existing_slide(args.region[0])
+        try:
+            box = tuple(int(v) for v in args.region[1:])
+        except ValueError:
+            parser.error("--region: X0 Y0 X1 Y1 are whole level-0 pixel coordinates")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            parser.error("--region: the box needs X1 > X0 and Y1 > Y0")
+    elif args.like:
         existing_slide(args.like)
     else:
         args.text = query_text(args.text)
     library = _library(args)
-    hits = library.like(args.like, args.top) if args.like else library.search(args.text, args.top)
+    if args.region:
+        hits = library.search_region(args.region[0], box, args.top)
+        what = f"like region {box} of {args.region[0]}"
+    elif args.like:
+        hits, what = library.like(args.like, args.top), f"like {args.like}"
+    else:
+        hits, what = library.search(args.text, args.top), repr(args.text)
     header = ["rank", "slide", "score", "region_x0", "region_y0", "region_x1", "region_y1", "region_score", "path"]
     rows = [[rank, hit.name, f"{hit.score:.4f}", *(hit.box or ("",) * 4),
              "" if hit.region_score is None else f"{hit.region_score:.4f}", hit.path]
             for rank, hit in enumerate(hits, 1)]
-    what = f"like {args.like}" if args.like else repr(args.text)
     print(f"{len(hits)} of {len(library)} slides, {what}:")
     for rank, hit in enumerate(hits, 1):
-        where = (f"   best region x {hit.box[0]}-{hit.box[2]}, y {hit.box[1]}-{hit.box[3]}: {hit.region_score:.3f}"
-                 if hit.box else "")
+        where = (f"   {'place' if args.region else 'best region'} x {hit.box[0]}-{hit.box[2]}, "
+                 f"y {hit.box[1]}-{hit.box[3]}: {hit.region_score:.3f}" if hit.box else "")
         print(f"{rank:>4}  {hit.score:8.3f}  {hit.name}{where}")
     if args.csv:
         write_csv(args.csv, header, rows)

@@ -132,10 +132,22 @@ def _library(folder: Path) -> tuple[str, bool]:
     pending = (f"; {check.pending} finished slide(s) wait in pending/ (run `pathflip index --out {folder}` to add "
                "them)" if check.pending else "")
     if check.damaged:
-        rows = sorted(check.damaged)
-        shown = "; ".join(f"row {row}: {check.damaged[row]}" for row in rows[:5])
-        more = f" and {len(rows) - 5} more row(s)" if len(rows) > 5 else ""
-        return (f"DAMAGED: {len(rows)} of {check.count} row(s) ({shown}{more}){notes}{pending}. "
+        reasons: dict[str, list[int]] = {}
+        for row, why in sorted(check.damaged.items()):
+            reasons.setdefault(why, []).append(row)
+        shown = "; ".join(f"{_spans(rows)}: {why}" for why, rows in list(reasons.items())[:5])
+        more = f"; {len(reasons) - 5} more" if len(reasons) > 5 else ""
+        return (f"DAMAGED: {len(check.damaged)} of {check.count} row(s) ({shown}{more}){notes}{pending}. "
                 f"{repair_hint(folder)}."), True
     what = "every chunk passes its checksum" if check.checksummed else "every chunk decodes"
     return f"OK ({check.count} slide(s); {what}; every encoding file is whole){notes}{pending}", False
+
+
+def _spans(rows: list[int]) -> str:
+    """[0, 1, 2, 7] -> "rows 0-2, 7"."""
+    spans, start = [], rows[0]
+    for previous, row in zip(rows, [*rows[1:], None]):
+        if row != previous + 1 if row is not None else True:
+            spans.append(f"{start}-{previous}" if previous > start else f"{start}")
+            start = row
+    return f"row{'s' * (len(rows) > 1)} {', '.join(spans)}"

@@ -1,20 +1,23 @@
-"""The library's nearest-neighbour index: every slide's search prototypes in HNSW graphs (usearch) beside the table,
+"""The library's nearest-neighbour index: every slide's search prototypes in HNSW graphs (faiss) beside the table,
 so that a text, a slide or a region is matched against a few hundred prototypes instead of every row.
 
     LIBRARY/ann/
         manifest.json                       the segments, the rows each covers and the fingerprint of its last row;
                                             written last and atomically: what it lists is the index
-        rows-000000000-000010000.usearch    one HNSW graph per segment (rows [start, stop) of the table)
+        rows-000000000-000010000.faiss      one HNSW graph per segment (rows [start, stop) of the table)
 
 What is indexed: the prototypes of search.py's first stage (k-means means of a slide's patch-head embeddings, each
-in its region), one vector per prototype with share > 0: [c, log(share)] with key row * K + slot. One inner product
-serves every query (search.py): a text or a region vector u as [u, 1 / r] scores u.c + log(share) / r, the
-first stage's bound of the region's pooled score (Jensen); [u, 0] scores u.c alone.
+in its region), one vector per prototype with share > 0: [c, a log(share)] with key row * K + slot. One inner
+product serves every query (search.py): a text or a region vector u as [u, 1 / (a r)] scores u.c + log(share) / r,
+the first stage's bound of the region's pooled score (Jensen). a = SHARE_SCALE keeps every vector's norm near 1:
+with log(share) itself as the last coordinate (norms 1 to 3) the graph's recall@10 fell to 0.4-0.6 (inner-product
+graphs favour long vectors); with a = 0.1 it is 1.0 at efSearch 128 on the same vectors.
 
-Why usearch (benchmarks/bench_library.py backends, 2 cores, README "Slide library"): of faiss-cpu, hnswlib and
-usearch, usearch builds the graph fastest in float16 (half the memory and file of float32 graphs, no recall lost at
-this dimension), opens a saved graph memory-mapped (a library opens in milliseconds, the OS pages in what a query
-touches), adds vectors to a loaded graph, and ships wheels that need neither torch nor a compiler.
+Why faiss (measured on 2 cores, 320,000 prototype-like vectors of 257 dimensions; README "Slide library"): its HNSW
+reaches recall@10 0.99 at efSearch 128 in 0.31 ms (p50) like hnswlib's (0.25 ms) and builds in 140 s against
+hnswlib's 99 s and usearch's 417 s (float32); faiss ships
+wheels (hnswlib 0.8.0, of 2023, compiles from source), is maintained, opens saved indexes memory-mapped, adds to a
+loaded graph, and offers IVF for a cohort whose graph would take too long to build.
 
 Growth: `update` (called by store.commit under the library lock, after the rows are committed) indexes the rows
 past the last segment as a new segment; when the newest segment holds at least half as many vectors as the one
@@ -42,24 +45,25 @@ from .store import LOCK, TABLE
 
 ANN = "ann"
 MANIFEST = "manifest.json"
+TERMS = "terms.npz"  # the `like` vocabulary in the head's text space (search.py writes it: it has the model)
+PROFILES = "profiles.npy"  # [rows, terms] each slide's exact evidence for the `like` vocabulary
 FORMAT_VERSION = 1
+SHARE_SCALE = 0.1  # a of the module doc
 
 
 @dataclass
 class AnnConfig:
     connectivity: int = 16  # HNSW neighbours per node (M)
     expansion_add: int = 128  # candidate list while inserting (efConstruction)
-    expansion_search: int = 128  # candidate list while searching (efSearch); recall@10 >= 0.99 on 3.2 M vectors
-    dtype: str = "f16"  # how vectors are stored: prototypes are float16 in the table already
+    expansion_search: int = 128  # candidate list while searching (efSearch): see bench_library.py latency
     merge_ratio: float = 0.5  # merge the newest segment into the one before once it holds this share of its vectors
     rows_per_read: int = 4096  # table rows read at once while indexing
-    threads: int = 0  # insertion threads (0: all cores)
 
 
-def _index_class():
-    from usearch.index import Index
+def _faiss():
+    import faiss
 
-    return Index
+    return faiss
 
 
 def index_folder(folder) -> Path:
@@ -67,18 +71,18 @@ def index_folder(folder) -> Path:
 
 
 def _segment_name(start: int, stop: int) -> str:
-    return f"rows-{start:09d}-{stop:09d}.usearch"
+    return f"rows-{start:09d}-{stop:09d}.faiss"
 
 
 def prototype_vectors(prototypes: np.ndarray, share: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
-    """(keys [n] uint64, vectors [n, d + 1] float32) of table rows first_row.. given their prototypes [S, K, d] and
+    """(keys [n] int64, vectors [n, d + 1] float32) of table rows first_row.. given their prototypes [S, K, d] and
     shares [S, K]; padding prototypes (share 0) are left out."""
     s, k, d = prototypes.shape
     keep = share.reshape(-1) > 0
-    keys = (np.arange(first_row * k, (first_row + s) * k, dtype=np.uint64))[keep]
+    keys = (np.arange(first_row * k, (first_row + s) * k, dtype=np.int64))[keep]
     vectors = np.empty((int(keep.sum()), d + 1), np.float32)
     vectors[:, :d] = prototypes.reshape(-1, d)[keep]
-    vectors[:, d] = np.log(share.reshape(-1)[keep])
+    vectors[:, d] = SHARE_SCALE * np.log(share.reshape(-1)[keep])
     return keys, vectors
 
 
@@ -125,8 +129,20 @@ def valid_segments(folder, group, manifest: dict | None, count: int) -> list[dic
 # --------------------------------------------------------------------------------------------------------- update
 def update(folder, config: AnnConfig | None = None) -> int:
     """Index the table's rows past the last segment (the caller holds the library lock: store.commit does);
-    returns the rows covered. Merges segments as the module doc says; never rebuilds a graph it can extend."""
-    folder, config = Path(folder), config or AnnConfig()
+    returns the rows covered. Merges segments as the module doc says; never rebuilds a graph it can extend; adds
+    the new rows' `like` profiles when the vocabulary is there. A failure (disk full) is a warning: the rows are
+    committed, searched exactly until the next update catches up."""
+    import warnings
+
+    try:
+        return _update(Path(folder), config or AnnConfig())
+    except (OSError, RuntimeError, MemoryError) as exc:
+        warnings.warn(f"the search index of {folder} was not updated ({exc}); the next index run or search "
+                      "catches up", RuntimeWarning, stacklevel=2)
+        return 0
+
+
+def _update(folder: Path, config: AnnConfig) -> int:
     group = _group(folder)
     count = int(group.attrs["count"])
     manifest = read_manifest(folder)
@@ -140,49 +156,129 @@ def update(folder, config: AnnConfig | None = None) -> int:
         older, newer = segments[-2], segments.pop()
         segments[-1] = _write_segment(folder, group, newer["start"], newer["stop"], older, config)
         changed = True
-    if changed:
+    profiles = _update_profiles(folder, group, count, (manifest or {}).get("profiles"))
+    if changed or profiles != (manifest or {}).get("profiles"):
         d = int(group["prototypes"].shape[-1])
         atomic_write_json(index_folder(folder) / MANIFEST, {
-            "format": FORMAT_VERSION, "backend": "usearch", "version": _usearch_version(), "metric": "ip",
-            "dtype": config.dtype, "dim": d + 1, "connectivity": config.connectivity,
-            "prototypes": group.attrs["prototypes"], "weights_id": group.attrs["weights_id"], "segments": segments})
+            "format": FORMAT_VERSION, "backend": "faiss", "version": _faiss().__version__, "metric": "ip",
+            "index": "IDMap2,HNSW%d,Flat" % config.connectivity, "dim": d + 1,
+            "prototypes": group.attrs["prototypes"], "weights_id": group.attrs["weights_id"], "segments": segments,
+            "profiles": profiles})
     _remove_unlisted(folder, segments)
     return segments[-1]["stop"] if segments else 0
 
 
-def _usearch_version() -> str:
-    import usearch
+# ------------------------------------------------------------------------------------------------ like profiles
+def read_terms(folder) -> dict | None:
+    """The `like` vocabulary search.py stored: terms, their head text embeddings u [T, d], the head's pool r,
+    logit scale and bias, evidence regions k and weights id; None when absent or unreadable."""
+    try:
+        with np.load(index_folder(folder) / TERMS, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError):
+        return None
 
-    return usearch.__version__
+
+def terms_id(terms: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(np.ascontiguousarray(terms[k]).tobytes()
+                                   for k in sorted(terms))).hexdigest()[:16]
+
+
+def evidence_profile(encoding_path, terms: dict) -> np.ndarray:
+    """[T] the slide's evidence for each term from a cached encoding file (see profile_of)."""
+    with np.load(encoding_path, allow_pickle=False) as data:
+        return profile_of(data["patch_embeddings"], data["region_index"], terms)
+
+
+def profile_of(embeddings: np.ndarray, index: np.ndarray, terms: dict) -> np.ndarray:
+    """[T] the evidence for each term as PathFLIP.evidence computes it with a patch-text head (the mean of the k best
+    region logits of the head's pooled patch similarity), from patch embeddings [P, d] and region_index [N, M]."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    similarity = terms["u"].astype(np.float32) @ embeddings.T  # [T, P]
+    valid = index >= 0
+    r = float(terms["pool"])
+    scaled = np.where(valid[None], r * similarity[:, np.maximum(index, 0)], -np.inf)  # [T, N, M]
+    top = scaled.max(-1, keepdims=True)
+    pooled = (np.log(np.exp(scaled - top).sum(-1)) + top[..., 0] - np.log(valid.sum(-1).clip(min=1))) / r
+    logits = pooled * float(terms["scale"]) + float(terms["bias"])  # [T, N]
+    k = min(int(terms["k"]), logits.shape[1])
+    return np.sort(logits, axis=1)[:, -k:].mean(1)
+
+
+def _update_profiles(folder: Path, group, count: int, recorded: dict | None) -> dict | None:
+    """Extend profiles.npy to every committed row (reading each new row's encoding once) when terms.npz is there
+    and belongs to the table's weights; returns the manifest's record of it."""
+    from .store import resolve_stored
+
+    terms = read_terms(folder)
+    if terms is None or str(terms["weights_id"]) != group.attrs["weights_id"]:
+        return None
+    wanted = terms_id(terms)
+    have = np.zeros((0, len(terms["u"])), np.float32)
+    if recorded and recorded.get("terms") == wanted:
+        try:
+            have = np.load(index_folder(folder) / PROFILES)[:min(int(recorded["rows"]), count)]
+        except (OSError, ValueError):
+            pass
+    if len(have) == count:
+        return {"rows": count, "terms": wanted}
+    encodings = group["encoding"][len(have):count]
+    done: dict[str, np.ndarray] = {}  # rows sharing an encoding file (a benchmark's) read it once
+    new = np.full((count - len(have), len(terms["u"])), np.nan, np.float32)
+    for i, stored in enumerate(encodings):
+        path = str(resolve_stored(folder, str(stored)))
+        if path not in done:
+            try:
+                done[path] = evidence_profile(path, terms)
+            except (OSError, KeyError, ValueError):
+                done[path] = np.full(len(terms["u"]), np.nan, np.float32)  # unreadable: like leaves it out
+        new[i] = done[path]
+    profiles = np.concatenate([have, new])
+    atomic_write(index_folder(folder) / PROFILES, lambda tmp: np.save(tmp, profiles), suffix=".npy")
+    return {"rows": count, "terms": wanted}
+
+
+def read_profiles(folder, count: int) -> np.ndarray | None:
+    """[rows <= count, T] the stored profiles of the first rows (None: none stored for the current terms)."""
+    manifest, terms = read_manifest(folder), read_terms(folder)
+    record = (manifest or {}).get("profiles")
+    if terms is None or not record or record.get("terms") != terms_id(terms):
+        return None
+    try:
+        return np.load(index_folder(folder) / PROFILES, mmap_mode="r")[:min(int(record["rows"]), count)]
+    except (OSError, ValueError):
+        return None
 
 
 def _write_segment(folder: Path, group, start: int, stop: int, extend: dict | None, config: AnnConfig) -> dict:
     """Rows [start, stop) as a new segment file, or added to the graph of segment `extend` (which ends at start)."""
+    faiss = _faiss()
     d = int(group["prototypes"].shape[-1])
     if extend is None:
-        index = _index_class()(ndim=d + 1, metric="ip", dtype=config.dtype, connectivity=config.connectivity,
-                               expansion_add=config.expansion_add)
-        first = start
+        graph = faiss.IndexHNSWFlat(d + 1, config.connectivity, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = config.expansion_add
+        index, first = faiss.IndexIDMap2(graph), start
     else:
-        index = _index_class().restore(str(index_folder(folder) / extend["file"]), view=False)
-        first = extend["start"]
+        index, first = faiss.read_index(str(index_folder(folder) / extend["file"])), extend["start"]
     for begin in range(start, stop, config.rows_per_read):
         end = min(begin + config.rows_per_read, stop)
         keys, vectors = prototype_vectors(group["prototypes"][begin:end].astype(np.float32),
                                           group["prototype_share"][begin:end], begin)
         if len(keys):
-            index.add(keys, vectors, threads=config.threads)
+            index.add_with_ids(vectors, keys)
     name = _segment_name(first, stop)
-    atomic_write(index_folder(folder) / name, lambda tmp: index.save(str(tmp)), suffix=".usearch")
-    return {"file": name, "start": first, "stop": stop, "vectors": int(index.size),
+    atomic_write(index_folder(folder) / name, lambda tmp: faiss.write_index(index, str(tmp)), suffix=".faiss")
+    return {"file": name, "start": first, "stop": stop, "vectors": int(index.ntotal),
             "last": _fingerprint(group, stop - 1)}
 
 
 def _remove_unlisted(folder: Path, segments: list[dict]) -> None:
     """Segment files no manifest lists any more, and temporary files of killed writes (the lock is held)."""
-    listed = {s["file"] for s in segments} | {MANIFEST}
+    listed = {s["file"] for s in segments} | {MANIFEST, TERMS, PROFILES}
     for path in index_folder(folder).glob("*"):
-        if path.name not in listed and (path.suffix == ".usearch" or path.name.startswith(".")):
+        if path.name not in listed and (path.suffix == ".faiss" or path.name.startswith(".")):
             path.unlink(missing_ok=True)
 
 
@@ -201,15 +297,19 @@ def _try_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def catch_up(folder, config: AnnConfig | None = None) -> bool:
-    """Bring a lagging index up to the table when the lock is free and the folder writable (a reader's open);
-    returns whether it ran. A busy lock means a commit is running, which updates the index itself."""
+def catch_up(folder, terms: dict | None = None, config: AnnConfig | None = None) -> bool:
+    """Bring a lagging index up to the table when the lock is free and the folder writable (a reader's open),
+    storing the `like` vocabulary `terms` first when it differs; returns whether it ran. A busy lock means a
+    commit is running, which updates the index itself."""
     folder = Path(folder)
     if not os.access(folder, os.W_OK):
         return False
     try:
         with _try_lock(folder) as locked:
             if locked:
+                stored = read_terms(folder)
+                if terms is not None and (stored is None or terms_id(stored) != terms_id(terms)):
+                    atomic_write(index_folder(folder) / TERMS, lambda tmp: np.savez(tmp, **terms), suffix=".npz")
                 update(folder, config)
             return locked
     except OSError:
@@ -229,14 +329,17 @@ class PrototypeIndex:
         for attempt in range(3):  # a concurrent update may remove a segment between the manifest and its file
             segments = valid_segments(self.folder, group, read_manifest(self.folder), self.count)
             try:
-                self.segments = [_index_class().restore(str(index_folder(self.folder) / s["file"]), view=True)
-                                 for s in segments]
+                self.segments = [_faiss().read_index(str(index_folder(self.folder) / s["file"]),
+                                                     _faiss().IO_FLAG_MMAP) for s in segments]
                 break
             except (OSError, RuntimeError, ValueError):
                 if attempt == 2:
                     segments, self.segments = [], []
+        # each segment's keys (ascending: rows are added in order), to tell which prototypes it holds
+        self._keys = [_faiss().vector_to_array(index.id_map) for index in self.segments]
+        self._stored: dict[int, np.ndarray] = {}
         for index in self.segments:
-            index.expansion_search = self.config.expansion_search
+            _faiss().downcast_index(index.index).hnsw.efSearch = self.config.expansion_search
         self.covered = min(segments[-1]["stop"], self.count) if segments else 0
         if self.covered < self.count:
             self.tail_keys, self.tail = prototype_vectors(
@@ -252,17 +355,27 @@ class PrototypeIndex:
 
     def search(self, queries: np.ndarray, count: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The `count` best prototypes of rows < count for each query [Q, d + 1] by inner product: (keys [Q, n]
-        int64, scores [Q, n] float32), best first (n <= count). `exact`: every vector scored (the reference)."""
+        int64, scores [Q, n] float32), best first (n <= count; key -1: none). `exact`: every stored vector scored
+        (the reference the approximate search is measured against)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         limit = self.count * self.prototypes
         keys, scores = [], []
-        for index in self.segments:
-            # rows past `count` in a segment are ignored: ask for as many more as it holds past the limit
-            found = index.search(queries, count, threads=1 if len(queries) == 1 else 0, exact=exact)
-            k, dist = np.atleast_2d(found.keys).astype(np.int64), np.atleast_2d(found.distances)
-            valid = (k >= 0) & (k < limit) & (np.arange(k.shape[1])[None] < np.atleast_1d(found.counts)[:, None])
+        for i, (index, held) in enumerate(zip(self.segments, self._keys)):
+            if exact:
+                if i not in self._stored:  # kept: the exhaustive reference is asked for many queries
+                    self._stored[i] = index.index.reconstruct_n(0, index.ntotal)
+                vectors = self._stored[i]
+                similarity = queries @ vectors.T
+                take = min(count, similarity.shape[1])
+                best = np.argpartition(-similarity, take - 1, axis=1)[:, :take]
+                s, k = np.take_along_axis(similarity, best, 1), held[best]
+            else:
+                inner = _faiss().downcast_index(index.index)
+                inner.hnsw.efSearch = max(self.config.expansion_search, count)
+                s, k = index.search(queries, count)
+            valid = (k >= 0) & (k < limit)  # rows past `count` in a segment are ignored
             keys.append(np.where(valid, k, -1))
-            scores.append(np.where(valid, 1.0 - dist, -np.inf).astype(np.float32))
+            scores.append(np.where(valid, s, -np.inf).astype(np.float32))
         if len(self.tail):
             tail = queries @ self.tail.T
             take = min(count, tail.shape[1])
@@ -284,10 +397,11 @@ class PrototypeIndex:
         keys = (rows[:, None] * k + np.arange(k)[None]).reshape(-1)
         out = np.zeros((len(keys), self.dim), np.float32)
         present = np.zeros(len(keys), bool)
-        for index in self.segments:
-            inside = ~present & index.contains(keys.astype(np.uint64))
+        for index, held in zip(self.segments, self._keys):
+            at = np.minimum(np.searchsorted(held, keys), max(len(held) - 1, 0))  # held is ascending
+            inside = ~present & (held[at] == keys) if len(held) else np.zeros(len(keys), bool)
             if inside.any():
-                out[inside] = np.asarray(index.get(keys[inside].astype(np.uint64), dtype=np.float32))
+                out[inside] = index.reconstruct_batch(keys[inside])
                 present |= inside
         if len(self.tail_keys):
             position = {int(key): i for i, key in enumerate(self.tail_keys)}

@@ -189,6 +189,9 @@ def _open(folder: Path, mode: str = "r"):
     """The table's zarr group; unreadable metadata is a LibraryDamaged error (never a traceback)."""
     import zarr
 
+    if not (folder / TABLE).is_dir() and (folder / (TABLE + REBUILT)).is_dir():
+        with _locked(folder):  # a repair killed between its two renames: taking the lock finishes it
+            pass
     try:
         group = zarr.open_group(folder / TABLE, mode=mode)
         int(group.attrs["count"]), int(group.attrs["region_rows"])
@@ -242,7 +245,7 @@ def commit(folder, batch: int = 256) -> int:
         count, region_rows = int(group.attrs["count"]), int(group.attrs["region_rows"])
         _raise_damage(folder, group)
         known = set(_read(folder, group, "fingerprint", slice(0, count)).tolist()) if count else set()
-        _remove_stale_pending(folder)
+        _remove_leftovers(folder)
         # in the order they were finished (a single process: the order of its slides)
         files = pending_files(folder)
         for start in range(0, len(files), batch):
@@ -257,6 +260,9 @@ def commit(folder, batch: int = 256) -> int:
                 count, region_rows = _append(group, count, region_rows, entries)
             for file in done:
                 file.unlink()
+        from . import ann  # the nearest-neighbour index follows the committed rows (ann.py)
+
+        ann.update(folder)
         return count
 
 
@@ -269,12 +275,13 @@ def _read_pending(file: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _remove_stale_pending(folder: Path) -> None:
-    """Temporary files in pending/ (write_pending writes under the lock this runs under: a killed run's)."""
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary files of killed writers: in pending/ (write_pending writes under the lock this runs under) and the
+    `.partial` chunk files zarr writes before renaming them (the table is written under the same lock)."""
     pending = _pending_dir(folder)
-    if pending.is_dir():
-        for leftover in pending.glob(".*"):
-            leftover.unlink(missing_ok=True)
+    leftovers = list(pending.glob(".*")) if pending.is_dir() else []
+    for leftover in leftovers + list((folder / TABLE).rglob("*.partial")):
+        leftover.unlink(missing_ok=True)
 
 
 def append_rows(folder, entries: list[dict[str, np.ndarray]]) -> int:
@@ -317,13 +324,14 @@ def known_fingerprints(folder: Path) -> set[str]:
 
 # ------------------------------------------------------------------------------------------------------ integrity
 def _chunks(group, name: str, rows: int):
-    """(start, stop, chunk file) of each chunk of column `name` that holds some of its first `rows` rows."""
+    """(start, stop, chunk file, its key in the table) of each chunk of column `name` that holds some of its first
+    `rows` rows."""
     array = group[name]
     step = array.chunks[0]
     folder = Path(str(group.store.root)) / group.path / name if group.path else Path(str(group.store.root)) / name
     for index, start in enumerate(range(0, rows, step)):
         key = array.metadata.encode_chunk_key((index, *(0,) * (array.ndim - 1)))
-        yield start, min(start + step, rows), folder / key
+        yield start, min(start + step, rows), folder / key, f"{name}/{key}"
 
 
 def _limits(group) -> dict[str, int]:
@@ -342,9 +350,9 @@ def _missing(group) -> dict[str, list[tuple[int, int, str]]]:
             missing.setdefault(name, []).append((group[name].shape[0], rows, "rows missing (the column is short)"))
             rows = group[name].shape[0]
         if checksummed:
-            for start, stop, path in _chunks(group, name, rows):
+            for start, stop, path, key in _chunks(group, name, rows):
                 if not path.is_file():
-                    missing.setdefault(name, []).append((start, stop, f"chunk file {path.name} missing"))
+                    missing.setdefault(name, []).append((start, stop, f"chunk {key} missing"))
     return missing
 
 
@@ -352,7 +360,7 @@ def _raise_damage(folder: Path, group) -> None:
     """LibraryDamaged naming the first missing chunks, when there are any (the cheap check: no decoding)."""
     missing = _missing(group)
     if missing:
-        parts = [f"{name} rows {start}-{stop - 1} ({why})" for name, spans in missing.items()
+        parts = [f"rows {start}-{stop - 1} ({why})" for name, spans in missing.items()
                  for start, stop, why in spans]
         raise LibraryDamaged(f"the library {folder} is damaged: {'; '.join(parts[:3])}"
                              f"{f' and {len(parts) - 3} more' if len(parts) > 3 else ''}. {repair_hint(folder)}.")
@@ -363,8 +371,14 @@ def _read(folder: Path, group, name: str, rows):
     try:
         return group[name][rows]
     except Exception as exc:  # zarr raises ValueError (checksum), RuntimeError (zstd), ... for damaged chunks
-        raise LibraryDamaged(f"the library {folder} is damaged: {name} cannot be read ({type(exc).__name__}: "
-                             f"{exc}). {repair_hint(folder)}.") from exc
+        raise LibraryDamaged(f"the library {folder} is damaged: a chunk of {name} {_decode_failure(exc)}. "
+                             f"{repair_hint(folder)}.") from exc
+
+
+def _decode_failure(exc: Exception) -> str:
+    if "checksum" in str(exc).lower():
+        return "fails its checksum (changed on disk)"
+    return f"does not decode ({type(exc).__name__}: {exc}; truncated or garbled)"
 
 
 @dataclass
@@ -391,14 +405,13 @@ def check_table(folder) -> TableCheck:
     bad: dict[str, list[tuple[int, int, str]]] = _missing(group)
     for name, rows in _limits(group).items():
         known = {(a, b) for a, b, _ in bad.get(name, [])}
-        for start, stop, _ in _chunks(group, name, min(rows, group[name].shape[0])):
+        for start, stop, _, key in _chunks(group, name, min(rows, group[name].shape[0])):
             if (start, stop) in known:
                 continue
             try:
                 group[name][start:stop]
             except Exception as exc:
-                bad.setdefault(name, []).append((start, stop, f"chunk {start // group[name].chunks[0]} does not "
-                                                 f"decode ({type(exc).__name__}: {exc})"))
+                bad.setdefault(name, []).append((start, stop, f"chunk {key} {_decode_failure(exc)}"))
 
     def mark(rows, why):
         for row in rows:
@@ -548,9 +561,6 @@ class Table:
         if not is_library(self.folder):
             raise PathflipError(f"{self.folder} is not a slide library (no {TABLE} in it): build one with "
                                 "`pathflip index SLIDES --out FOLDER`.")
-        if not (self.folder / TABLE).is_dir():
-            with _locked(self.folder):  # a repair killed between its two renames: the lock finishes it
-                pass
         self._group = _open(self.folder)
         self.attrs = dict(self._group.attrs)
         self.count = int(self.attrs["count"])
