@@ -7,6 +7,7 @@ The napari workspace, `pathflip ground|classify|chat|caption` and the slide libr
 from __future__ import annotations
 
 import os
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -67,8 +68,11 @@ class SlideAnalysis:
         store = self.features.path.parent if self.features.path else self.cache_dir
         cached = self.encoding_path = store / f"encoding-{self.weights.id}.npz"
         if cached.is_file():
-            self.encoding = SlideEncoding.load(cached)
-        else:
+            try:
+                self.encoding = SlideEncoding.load(cached)
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+                cached.unlink(missing_ok=True)  # a damaged cache file: computed again below
+        if self.encoding is None:
             self.encoding = self.model.encode_slide(self.features.features, self.features.coords,
                                                     self.features.patch_size_level0)
             atomic_write(cached, self.encoding.save, suffix=".npz")

@@ -305,10 +305,10 @@ def test_levels_the_tile_reader_does_not_read_go_through_the_slide_reader(cmu_pa
 def test_decode_threads_feeding_the_encoder_keep_the_batch_order(cmu_path):
     """The GPU layout (workers only decode, the calling thread encodes), run on CPU, and the CPU layout: batches come
     back in order with the features of the calling thread alone."""
-    from napari_pathflip.extraction import Workers, _Runner, encoded_batches
+    from napari_pathflip.extraction import Workers, EncoderRunner, encoded_batches
 
     slide, reader = _reader(cmu_path, TilingConfig(min_tissue_fraction=0.0), batch_size=8)
-    runner = _Runner(BuiltinEncoder(), torch.device("cpu"), ExtractionConfig())
+    runner = EncoderRunner(BuiltinEncoder(), torch.device("cpu"), ExtractionConfig())
 
     def read(i):  # the slide reader: unlike the tile plan it may read a batch twice
         start, stop, _ = reader.batches[i]

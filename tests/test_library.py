@@ -411,3 +411,34 @@ def test_library_screenshot(make_napari_viewer, qtbot, tmp_path):
     plain = viewer.screenshot(canvas_only=True)
     changed = (np.abs(overlay[..., :3].astype(int) - plain[..., :3].astype(int)).max(-1) > 40).mean()
     assert changed > 0.01  # the heatmap of the opened hit is on screen
+
+
+def test_region_search_finds_its_own_place_first_and_sharded_libraries_merge(library, slides, head_weights,
+                                                                             tmp_path, capsys):
+    """Region search (Library and `pathflip search --region`): the query box's own slide and place come first with
+    cosine 1; a folder of 2 library shards (one per indexing worker) searches as the one library of all slides."""
+    from napari_pathflip.library import Shards, open_library
+
+    lib = Library(library)
+    encoding = lib.encoding(1)
+    x, y = (min(int(v), SIZE - 3 * 256) for v in encoding.patch_coords[len(encoding.patch_coords) // 2])
+    box = (x, y, x + 3 * 256, y + 2 * 256)
+    hits = lib.search_region(1, box, top=4)
+    assert hits[0].row == 1 and hits[0].box == box and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert len({h.row for h in hits}) == len(hits)  # one place per slide
+    assert main(["search", str(library), "--region", lib.paths[1], *map(str, box), "--top", "2"]) == 0
+    assert f"place x {box[0]}-{box[2]}, y {box[1]}-{box[3]}: 1.000" in capsys.readouterr().out
+
+    paths = [str(p) for p in sorted(slides.glob("synth*.tiff"))]
+    for shard, part in enumerate((paths[:2], paths[2:])):
+        index_slides(part, tmp_path / "sharded" / f"shard-{shard}", weights=head_weights, cache_dir=lib.cache_dir,
+                     device="cpu")
+    sharded = open_library(tmp_path / "sharded")
+    assert isinstance(sharded, Shards) and len(sharded) == GOOD
+    for text in ("necrosis", "fat lobules"):
+        merged = [(h.name, round(h.score, 4), h.box) for h in sharded.search(text, top=GOOD)]
+        single = [(h.name, round(h.score, 4), h.box) for h in lib.search(text, top=GOOD)]
+        assert merged == single
+    row = int(np.flatnonzero(sharded.names == lib.names[1])[0])
+    assert [h.name for h in sharded.search_region(row, box, top=4)][0] == lib.names[1]
+    assert [h.name for h in sharded.like(row, top=3)] == [h.name for h in lib.like(1, top=3)]

@@ -107,6 +107,10 @@ class ChatEngine:
         _check_llm_dir(llm_dir)
         device = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a mismatch is reported below in one line, not as transformers' table
         try:
             tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True, trust_remote_code=False)
             llm = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True, trust_remote_code=False,
@@ -114,6 +118,8 @@ class ChatEngine:
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: shapes unlike its config
             raise PathflipError(f"cannot load the LLM from {llm_dir} ({type(exc).__name__}: {exc}); check that its "
                                 "config.json and weights belong together, or restore the folder.") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
         check_finite(llm.state_dict(), llm_dir)
         adapter = folder / ADAPTER_DIR
         if adapter.is_dir():

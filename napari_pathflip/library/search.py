@@ -470,7 +470,7 @@ class Library:
             rows.append(own)
         hits = []
         for row in rows:
-            found = best_window(self.encoding(int(row)), query, self.search_config)
+            found = best_window(self.encoding(int(row)), query, self.search_config, own=row == own)
             if found is not None:
                 box, score = found
                 hits.append(Hit(int(row), self.names[row], self.paths[row], score, box, score))
@@ -564,10 +564,11 @@ def patch_similarity(encoding, query: RegionQuery) -> np.ndarray:
     return encoding.patch_embeddings.cpu().numpy() @ query.vector
 
 
-def best_window(encoding, query: RegionQuery, config: SearchConfig):
+def best_window(encoding, query: RegionQuery, config: SearchConfig, own: bool = False):
     """(level-0 box, cosine) of the slide's window of the query's size most like the query, or None when no window
     holds enough patches: windows are pre-selected by their mean patch similarity (integral images over the patch
-    grid), the `region_windows` best re-scored by the cosine of the query and their summed patch embeddings."""
+    grid), the `region_windows` best re-scored by the cosine of the query and their summed patch embeddings; on
+    the query's own slide (`own`) the query's own window is always among them."""
     if encoding.patch_embeddings is None or not len(encoding.patch_coords):
         return None
     step = encoding.patch_size_level0
@@ -593,8 +594,12 @@ def best_window(encoding, query: RegionQuery, config: SearchConfig):
     if take == 0:
         return None
     best_score, best_at = -np.inf, None
-    for at in np.argpartition(-flat, take - 1)[:take]:
-        gy, gx = divmod(int(at), mean.shape[1])
+    chosen = [divmod(int(at), mean.shape[1]) for at in np.argpartition(-flat, take - 1)[:take]]
+    if own:
+        gy, gx = query.box[1] // step, query.box[0] // step
+        if gy <= mean.shape[0] - 1 and gx <= mean.shape[1] - 1:
+            chosen.append((gy, gx))
+    for gy, gx in chosen:
         members = grid[gy:gy + wy, gx:gx + wx]
         total = embeddings[members[members >= 0]].sum(0)
         score = float(total @ query.vector / max(float(np.linalg.norm(total)), 1e-12))
