@@ -12,9 +12,24 @@
 calls the same functions. Qt-free.
 """
 
-from .index import IndexProgress, IndexSummary, index_slides, indexing_weights, slide_prototypes, slide_thumbnail
+from .index import (
+           IndexProgress,
+           IndexSummary,
+           index_slides,
+           indexing_weights,
+           slide_prototypes,
+           slide_thumbnail,
+)
 from .search import Hit, Library, RegionQuery, SearchConfig, Shards, open_library
-from .store import TABLE, LibraryConfig, Table, append_rows, commit, is_library, prepare_table
+from .store import (
+           TABLE,
+           LibraryConfig,
+           Table,
+           append_rows,
+           commit,
+           is_library,
+           prepare_table,
+)
 
 __all__ = ["TABLE", "Hit", "IndexProgress", "IndexSummary", "Library", "LibraryConfig", "RegionQuery",
            "SearchConfig", "Shards", "Table", "append_rows", "commit", "index_slides", "indexing_weights",

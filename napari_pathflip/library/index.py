@@ -15,8 +15,21 @@ import numpy as np
 from ..analysis import SlideAnalysis, load_model
 from ..errors import PathflipError
 from ..weights import WeightsFolder
-from .store import (CACHE, LibraryConfig, Repair, commit, indexing, is_library, known_fingerprints, prepare_table,
-                    recorded_weights, repair_table, stored_path, write_pending)
+from . import ann
+from .store import (
+    CACHE,
+    LibraryConfig,
+    Repair,
+    commit,
+    indexing,
+    is_library,
+    known_fingerprints,
+    prepare_table,
+    recorded_weights,
+    repair_table,
+    stored_path,
+    write_pending,
+)
 
 
 @dataclass
@@ -101,7 +114,7 @@ def index_slides(slides: Sequence[str], library, *, weights=None, cache_dir=None
                 summary.failed.append((str(path), unexpected(exc)))
         if progress:
             progress(len(slides), len(slides), "", 0, 0)
-        summary.count = commit(folder)
+        summary.count = commit(folder, then=ann.update)
     return summary
 
 

@@ -29,6 +29,7 @@ breaker; one scan over a few numbers per slide (2 ms at 100,000 slides), no inde
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,9 +175,9 @@ class Library:
         path = resolve_stored(self.folder, self._encodings[row])
         try:
             return SlideEncoding.load(path, include_features=False)
-        except OSError as exc:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
             raise PathflipError(f"the encoding of {self.names[row]} ({path}) cannot be read: {exc}. Run `pathflip "
-                                f"index` on the slide again with --out {self.folder}.") from exc
+                                f"index --repair --out {self.folder}`.") from exc
 
     def analysis(self, row: int) -> SlideAnalysis:
         """A SlideAnalysis of the row's slide with the library's model and cache (prepare() reads both caches)."""

@@ -233,8 +233,9 @@ def _writing():
         yield
 
 
-def commit(folder, batch: int = 256) -> int:
+def commit(folder, batch: int = 256, then: Callable[[Path], object] | None = None) -> int:
     """Append the pending slides to the table (under the library lock) and remove them; returns the row count.
+    `then(folder)` runs after the rows are in, still under the lock.
 
     Rows are appended, then `count` is stored, then the pending files go: a run killed in between leaves rows
     past `count` (cut off by the next commit) or pending files already in the table (dropped). A damaged table is
@@ -260,9 +261,8 @@ def commit(folder, batch: int = 256) -> int:
                 count, region_rows = _append(group, count, region_rows, entries)
             for file in done:
                 file.unlink()
-        from . import ann  # the nearest-neighbour index follows the committed rows (ann.py)
-
-        ann.update(folder)
+        if then is not None:  # e.g. ann.update: the search index follows the committed rows, under the same lock
+            then(folder)
         return count
 
 
