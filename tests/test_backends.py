@@ -253,3 +253,36 @@ def test_cohort_folders_list_a_dicom_folder_as_one_slide(tmp_path, wsi_dir, cmu_
     assert collect_slides([str(cohort)]) == [str(cohort / "case1.svs"), str(cohort / "case2" / "dicom")]
     assert collect_slides([str(cmu_dicom)]) == [str(cmu_dicom)]
 
+
+
+# -- the command line on every format ----------------------------------------------------------------------------
+
+
+def test_a_dicom_slide_and_a_mixed_cohort_through_ground_and_index(tmp_path, wsi_dir, cmu, cmu_dicom, weights,
+                                                                   capsys):
+    """`pathflip ground` on the DICOM folder gives the same scores as on the TIFF it was made from; `pathflip index`
+    over a folder with a DICOM slide, a 72-dpi pyramid and a blank slide indexes the DICOM slide and names each
+    failure with what to try, without a traceback."""
+    from napari_pathflip.commands import main
+
+    pathflip = weights
+    for name, slide in (("tiff", wsi_dir / CMU), ("dicom", cmu_dicom)):
+        assert main(["ground", str(slide), "tumour", "--weights", str(pathflip), "--cache", str(tmp_path / name),
+                     "--device", "cpu", "--out", str(tmp_path / f"{name}.npz")]) == 0
+    with np.load(tmp_path / "tiff.npz") as tiff, np.load(tmp_path / "dicom.npz") as dicom:
+        np.testing.assert_array_equal(tiff["patch_coords"], dicom["patch_coords"])
+        np.testing.assert_array_equal(tiff["patch_scores"], dicom["patch_scores"])
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(cmu_dicom, cohort / "dicom_case")
+    write_pyramid(cohort / "screen.tiff", cmu.read_region((0, 0), 0, (1024, 1024)), None, levels=1, dpi=72)
+    write_pyramid(cohort / "blank.tiff", np.full((1024, 1024, 3), 255, np.uint8), mpp=0.5, levels=1)
+    capsys.readouterr()
+    status = main(["index", str(cohort), "--out", str(tmp_path / "library"), "--weights", str(pathflip),
+                   "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr()
+    assert status == 1 and "Traceback" not in out.out + out.err
+    assert "1 indexed, 0 skipped (already in the library), 2 failed" in out.out
+    failed = {line.split(":")[0].split("/")[-1]: line for line in out.out.splitlines() if "FAILED" in line}
+    assert "no tissue was found" in failed["blank.tiff"] and "--min-tissue" in failed["blank.tiff"]
+    assert "72 dpi" in failed["screen.tiff"] and "--mpp" in failed["screen.tiff"]

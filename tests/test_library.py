@@ -291,6 +291,11 @@ def test_library_panel_query_list_open_heatmap(make_napari_viewer, library, qtbo
     assert tuple(workspace.localize.result.top_boxes[0, :4].astype(int)) == hits[0].box
     np.testing.assert_allclose(viewer.scene.camera.center[-2:], _hit_centre(layer, hits[0].box))
     assert viewer.scene.camera.zoom > 1 / 8  # not the whole-slide view
+    with qtbot.waitSignal(panel.opened, timeout=60_000):  # opened again: the same layer, below the heatmap
+        _double_click(qtbot, panel.results, 0)
+    assert _slide_layers(viewer, hits[0].path) == [layer]
+    names = [lay.name for lay in viewer.layers]
+    assert names.index(HEATMAP) > names.index(layer.name)
 
     # similar slides of the selected hit: the others, never itself
     panel.results.setCurrentRow(0)
@@ -369,23 +374,30 @@ def test_library_panel_shares_the_workspace_model_when_the_weights_match(make_na
     assert len(loads) == 1
 
 
-def test_library_screenshot(make_napari_viewer, qtbot, tmp_path):
-    """With PATHFLIP_SCREENSHOT_DIR set, saves docs/screenshots/library.png: a library of synthetic test slides
-    searched for "necrosis" with the trained demo weights, the first hit opened with its heatmap."""
+@pytest.fixture(scope="module")
+def demo_library(tmp_path_factory) -> Path:
+    """6 synthetic test slides of 6144 px indexed with the trained demo weights (the screenshots' library)."""
     from training.synthetic import SyntheticConfig, make_slide_spec, write_slide
 
     from napari_pathflip.weights import WeightsFolder
-    from napari_pathflip.viewer.localize import BOXES, HEATMAP
 
     trained = WeightsFolder.resolve().path
     if not (trained / "config.json").is_file():
         pytest.fail(f"the trained demo weights are missing from {trained}: run `python -m training demo`")
+    folder = tmp_path_factory.mktemp("demo")
     for seed in range(6):
-        write_slide(make_slide_spec(seed, "test", SyntheticConfig(width=6144, height=6144)), tmp_path / "slides",
+        write_slide(make_slide_spec(seed, "test", SyntheticConfig(width=6144, height=6144)), folder / "slides",
                     f"test-{seed}")
-    summary = index_slides(sorted(str(p) for p in (tmp_path / "slides").glob("*.tiff")), tmp_path / "library",
+    summary = index_slides(sorted(str(p) for p in (folder / "slides").glob("*.tiff")), folder / "library",
                            weights=trained, device="cpu")
     assert len(summary.indexed) == 6
+    return folder / "library"
+
+
+def test_library_screenshot(make_napari_viewer, demo_library, qtbot, tmp_path):
+    """With PATHFLIP_SCREENSHOT_DIR set, saves docs/screenshots/library.png: a library of synthetic test slides
+    searched for "necrosis" with the trained demo weights, the first hit opened with its heatmap."""
+    from napari_pathflip.viewer.localize import BOXES, HEATMAP
 
     viewer = make_napari_viewer(show=True)
     viewer.window.resize(1500, 950)
@@ -393,7 +405,7 @@ def test_library_screenshot(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
     panel = workspace.library
     _bring_to_front(qtbot, panel)
-    _load(qtbot, panel, tmp_path / "library")
+    _load(qtbot, panel, demo_library)
     with qtbot.waitSignal(panel.results_shown, timeout=30_000):
         qtbot.keyClicks(panel.query, "necrosis")
     with qtbot.waitSignal(workspace.localize.heatmap_updated, timeout=60_000,
@@ -442,3 +454,170 @@ def test_region_search_finds_its_own_place_first_and_sharded_libraries_merge(lib
     row = int(np.flatnonzero(sharded.names == lib.names[1])[0])
     assert [h.name for h in sharded.search_region(row, box, top=4)][0] == lib.names[1]
     assert [h.name for h in sharded.like(row, top=3)] == [h.name for h in lib.like(1, top=3)]
+
+
+def _slide_layers(viewer, path):
+    return [layer for layer in viewer.layers if layer.metadata.get("pathflip_slide", {}).get("path") == path]
+
+
+def test_library_panel_finds_similar_regions_and_opens_a_hit_below_its_heatmap(make_napari_viewer, library, qtbot):
+    """Draw a rectangle over the analysed slide -> Find similar regions -> listed with thumbnails -> double-click:
+    the slide's own layer (never a second copy), zoomed onto the place, the similarity and Localize heatmaps above
+    it."""
+    from napari_pathflip.viewer.library_panel import REGION_SIMILARITY
+    from napari_pathflip.viewer.localize import HEATMAP
+
+    viewer = make_napari_viewer(show=True)
+    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
+    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
+    panel = workspace.library
+    _bring_to_front(qtbot, panel)
+    _load(qtbot, panel, library)
+    lib = panel.library
+    analysis = lib.analysis(1)
+    analysis.prepare()
+    (slide,) = viewer.open(lib.paths[1], plugin=PLUGIN)
+    with qtbot.waitSignal(workspace.localize.heatmap_updated, timeout=60_000):
+        workspace.localize.query.setText("necrosis")
+        workspace.slide.adopt(analysis, slide)
+
+    encoding = analysis.encoding
+    x, y = (min(int(v), SIZE - 3 * 256) for v in encoding.patch_coords[len(encoding.patch_coords) // 2])
+    box = (x, y, x + 3 * 256, y + 2 * 256)
+    drawn = viewer.add_shapes([np.array([[box[1], box[0]], [box[3], box[2]]]) - 0.5], shape_type="rectangle",
+                              scale=slide.scale, translate=slide.translate, units=slide.units, name="query")
+    drawn.selected_data = {0}
+    assert panel.query_shape() == box
+    with qtbot.waitSignal(panel.results_shown, timeout=60_000) as shown:
+        panel.regions_button.click()
+    hits = shown.args[1]
+    assert hits[0].row == 1 and hits[0].box == box and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert panel.results.count() == len(hits) == GOOD  # one place per slide
+    assert all(not panel.results.item(i).icon().isNull() for i in range(len(hits)))
+    assert panel.results.item(0).text().startswith(f"#1  {hits[0].score:.3f}  {hits[0].name}")
+
+    # the query's own slide is open: its layer is reused, the similarity layer shows over it, zoomed onto the box
+    with qtbot.waitSignal(panel.opened, timeout=60_000):
+        _double_click(qtbot, panel.results, 0)
+    (layer,) = _slide_layers(viewer, hits[0].path)
+    assert layer is slide and workspace.slide.analysed_layer is layer
+    names = [lay.name for lay in viewer.layers]
+    assert names.index(REGION_SIMILARITY) > names.index(layer.name)
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], _hit_centre(layer, box))
+    assert viewer.scene.camera.zoom > 1 / 8
+
+    # another slide: a new layer, inserted below the heatmaps (they stay visible), zoomed onto its place
+    other = hits[1]
+    with qtbot.waitSignal(panel.opened, timeout=60_000):
+        _double_click(qtbot, panel.results, 1)
+    (opened,) = _slide_layers(viewer, other.path)
+    names = [lay.name for lay in viewer.layers]
+    assert names.index(REGION_SIMILARITY) > names.index(opened.name)
+    assert names.index(HEATMAP) > names.index(opened.name)
+    assert viewer.layers[REGION_SIMILARITY].metadata["pathflip_region"]["box"] == other.box
+    assert workspace.slide.analysed_layer is opened
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], _hit_centre(opened, other.box))
+    with qtbot.waitSignal(panel.opened, timeout=60_000):  # and again: still one layer of that slide
+        _double_click(qtbot, panel.results, 1)
+    assert len(_slide_layers(viewer, other.path)) == 1 and len(_slide_layers(viewer, hits[0].path)) == 1
+
+    # without a selected shape, the selected Localize box is the query
+    drawn.selected_data = set()
+    qtbot.waitUntil(lambda: workspace.localize.result is not None and
+                    workspace.localize.analysis is workspace.slide.analysis, timeout=60_000)
+    workspace.localize.boxes_list.setCurrentRow(0)
+    expected = tuple(int(v) for v in workspace.localize.result.top_boxes[0, :4])
+    assert panel.query_shape() == expected
+
+
+def test_library_panel_lists_and_notifies_slides_that_fail_to_index_and_waits_for_a_lock(make_napari_viewer, slides, head_weights,
+                                                                     monkeypatch, qtbot, tmp_path):
+    """Each slide that fails is a napari warning and stays listed in the panel (a later search does not replace
+    it), with advice for the panels' controls instead of command-line flags; a run that waits for another's lock
+    says so in the panel."""
+    import napari.utils.notifications as notifications
+
+    from napari_pathflip.library.store import indexing
+
+    warnings = []
+    monkeypatch.setattr(notifications, "show_warning", warnings.append)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("broken.svs", "unreadable.svs", "synth0.tiff"):
+        shutil.copy(slides / name, folder / name)
+    viewer = make_napari_viewer()
+    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
+    panel = workspace.library
+    workspace.slide.weights_edit.setText(str(head_weights))
+    panel.folder_edit.setText(str(tmp_path / "lib"))
+    with qtbot.waitSignals([panel.indexed, panel.loaded], timeout=120_000):
+        with indexing((tmp_path / "lib").resolve()):  # another run holds the library: the panel says it waits
+            panel.index(str(folder))
+            qtbot.waitUntil(lambda: panel.status.text().startswith("Waiting: another"), timeout=30_000)
+    listed = [panel.failures.item(i).text() for i in range(panel.failures.count())]
+    assert sorted(text.split(":")[0] for text in listed) == ["broken.svs", "unreadable.svs"]
+    assert all("What to do:" in text and "--" not in text for text in listed)
+    assert len([w for w in warnings if "could not index" in w]) == 2
+    assert not panel.failures.isHidden()
+    with qtbot.waitSignal(panel.results_shown, timeout=30_000):
+        qtbot.keyClicks(panel.query, "necrosis")
+    assert panel.failures.count() == 2
+
+
+def test_chat_dock_keeps_each_slides_conversation(make_napari_viewer, library):
+    """Coming back to a slide (the library opens it again) shows its conversation again instead of a blank one."""
+    from napari_pathflip.viewer.chat_dock import ChatDock
+
+    lib = Library(library)
+    dock = ChatDock(make_napari_viewer())
+    first, again, other = lib.analysis(0), lib.analysis(0), lib.analysis(1)
+    conversation, turns = object(), ["question", "answer"]
+    dock._analysis, dock._conversation, dock._turns = first, conversation, turns
+    dock._render = lambda: None  # the turns above are stand-ins
+    dock.set_analysis(other)
+    assert dock._conversation is not conversation
+    dock.set_analysis(again)
+    assert dock._conversation is conversation and dock._turns == turns
+
+
+def test_library_regions_screenshot(make_napari_viewer, demo_library, qtbot, tmp_path):
+    """With PATHFLIP_SCREENSHOT_DIR set, saves docs/screenshots/library_regions.png: a box drawn over the necrosis
+    of test slide 0, Find similar regions with the trained demo weights, and the best hit on another slide opened
+    with its region similarity."""
+    from napari_pathflip.viewer.library_panel import REGION_SIMILARITY
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1500, 950)
+    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
+    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
+    panel = workspace.library
+    _bring_to_front(qtbot, panel)
+    _load(qtbot, panel, demo_library)
+    lib = panel.library
+    row = int(np.flatnonzero(lib.names == "test-0.tiff")[0])
+    analysis = lib.analysis(row)
+    analysis.prepare()
+    (slide,) = viewer.open(lib.paths[row], plugin=PLUGIN)
+    workspace.slide.adopt(analysis, slide)
+    box = (4488, 2848, 4488 + 856, 2848 + 720)  # the necrosis of test slide 0 (training/synthetic.py)
+    drawn = viewer.add_shapes([np.array([[box[1], box[0]], [box[3], box[2]]]) - 0.5], shape_type="rectangle",
+                              scale=slide.scale, translate=slide.translate, units=slide.units,
+                              name="query region", edge_color="#39ff14", face_color="transparent", edge_width=40)
+    drawn.selected_data = {0}
+    with qtbot.waitSignal(panel.results_shown, timeout=60_000) as shown:
+        panel.regions_button.click()
+    hits = shown.args[1]
+    assert hits[0].name == "test-0.tiff"  # its own place first
+    other = next(i for i, hit in enumerate(hits) if hit.name != "test-0.tiff")
+    with qtbot.waitSignal(panel.opened, timeout=60_000):
+        _double_click(qtbot, panel.results, other)
+    _bring_to_front(qtbot, panel)
+    panel.results.setCurrentRow(other)
+    viewer.layers.selection.active = viewer.layers[REGION_SIMILARITY]
+    viewer.camera.zoom /= 3  # the place and what surrounds it
+    qtbot.wait(300)
+    out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    window = viewer.screenshot(str(out / "library_regions.png"), canvas_only=False)
+    assert window.shape[0] > 500
+    print("region hits:", [(h.name, h.box, round(h.score, 3)) for h in hits])

@@ -82,8 +82,20 @@ def _add_library(parser: argparse.ArgumentParser) -> None:
 
 
 def _library(args):
-    from ..library import open_library
+    """The library (or the shards of one), with a note on stderr when finished slides still wait in pending/ (an
+    interrupted index); a library that holds only such slides is an error that says how to add them."""
+    from ..library import Table, is_library, open_library
 
+    if is_library(args.library):
+        table = Table(args.library)  # a damaged library or pending slides are told before the model loads
+        waiting = table.pending
+        if waiting and not table.count:
+            raise PathflipError(f"{args.library} holds no slides yet: {waiting} finished slide(s) wait in its "
+                                f"pending/ folder (an interrupted index). Run `pathflip index --out {args.library}` "
+                                "to add them.")
+        if waiting:
+            print(f"note: {waiting} finished slide(s) in {args.library}/pending are not in the library yet (an "
+                  f"interrupted index): run `pathflip index --out {args.library}` to add them.", file=sys.stderr)
     return open_library(args.library, weights=args.weights, device=args.device)
 
 

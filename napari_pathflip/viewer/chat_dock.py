@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 
@@ -40,6 +41,7 @@ OPTION_LETTERS = "ABCD"
 # Qt's default line limit (32,767) would cut a pasted report silently; the engine says when input is too long.
 MAX_INPUT_CHARS = 1_000_000
 RENDER_INTERVAL_MS = 30  # streamed pieces are coalesced into one repaint per interval (a fast GPU gives ~300/s)
+KEPT_CONVERSATIONS = 20  # other slides whose conversation is kept for when they come back
 NO_SLIDE_HINT = "Analyse a slide in the PathFLIP workspace to chat about it."
 TRAIN_HINT = "train one with `python -m training demo` or pick a chat folder under Chat model"
 ENDINGS = {"cancelled": "*(stopped)*", "length": "*(answer cut at the token limit: raise Max tokens for more)*"}
@@ -159,6 +161,7 @@ class ChatDock(QWidget):
         self._chat_folder: Path | None = None
         self._llm_folder: Path | None = None
         self._turns: list[Turn] = []
+        self._kept: OrderedDict[tuple, tuple] = OrderedDict()  # slide key -> (conversation, turns) of other slides
         self._load_serial = 0
         self._loading = False
         self._worker = None  # the answer being generated
@@ -287,11 +290,29 @@ class ChatDock(QWidget):
 
     # --------------------------------------------------------------------------------- analysis / model
     def set_analysis(self, analysis) -> None:
-        """Chat about `analysis` (a SlideAnalysis whose prepare() has run or is cached); None disables the dock."""
+        """Chat about `analysis` (a SlideAnalysis whose prepare() has run or is cached); None disables the dock.
+        Each slide keeps its conversation: coming back to a slide (same file, weights and chat folder), e.g. by
+        opening it again from the library, shows its transcript again and goes on with its history."""
         if analysis is self._analysis and (self._conversation is not None or self._loading):
             return
+        if self._analysis is not None and self._conversation is not None and not self.busy:
+            self._kept[self._slide_key(self._analysis)] = (self._conversation, self._turns)
+            while len(self._kept) > KEPT_CONVERSATIONS:
+                self._kept.popitem(last=False)
         self._analysis = analysis
-        self._reload()
+        kept = self._kept.pop(self._slide_key(analysis), None) if analysis is not None else None
+        if kept is None:
+            self._reload()
+            return
+        self._load_serial += 1  # a conversation still loading for the slide before is not wanted any more
+        self._loading = False
+        self._conversation, self._turns = kept
+        self._render()
+        self._refresh(f"Chatting about <b>{Path(analysis.slide_path).name}</b> again: its conversation goes on.")
+
+    def _slide_key(self, analysis) -> tuple:
+        return str(Path(analysis.slide_path).resolve()), analysis.weights.id, str(self.chat_folder()), \
+            str(self._llm_folder)
 
     def set_chat_folder(self, folder: str | Path | None) -> None:
         """Use this chat folder instead of the one beside the weights (None: back to the default)."""

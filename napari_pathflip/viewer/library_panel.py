@@ -4,8 +4,14 @@ Choose a library folder (loaded in a worker), type a query: the search runs in a
 wins) and the ranked slides appear with thumbnails, scores and best regions. Double-clicking a hit prepares its
 analysis from the library's cache in a worker, opens the slide and emits `opened(analysis, layer, query)`: the
 workspace makes it the analysed slide, so Localize shows the query's heatmap, and zooms to the best region.
+"Find similar regions" searches the library for the region drawn on a Shapes layer over the analysed slide (the
+selected rectangle or polygon) or for the selected Localize box (`Library.search_region`, in a worker): the hits list
+each place with a thumbnail of it, and double-clicking one opens its slide zoomed to the place, with the cosine of
+each patch to the query as the "PathFLIP region similarity" layer. An opened hit reuses the slide's layer when it is
+open and sits below the heatmap, boxes and similarity layers.
 "Index slides..." adds a folder of slides to the library in a napari thread_worker with napari's progress bar and
-Cancel (a cancelled run continues where it stopped). Loading and indexing use the workspace's PathFLIP when it was
+Cancel (a cancelled run continues where it stopped); each slide that fails is a notification and stays listed under
+"Not indexed" with what to do in the panels. Loading and indexing use the workspace's PathFLIP when it was
 loaded from the library's weights (`set_analysis`), else the panel loads those weights itself.
 """
 
@@ -21,6 +27,7 @@ from qtpy.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QLabel, QListWi
                             QPushButton, QSpinBox, QVBoxLayout)
 
 from ..errors import PathflipError
+from ..heatmap import normalise, score_grid
 from ..library import IndexSummary, Library, Table, index_slides, indexing_weights, is_library
 from ..weights import WeightsFolder
 from .fields import FolderField, QueryField
@@ -30,6 +37,9 @@ from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 PLUGIN = "napari-pathflip"
 DEBOUNCE_MS = 300  # a search reads encodings from disk: wait for a pause in the typing
 ICON = 96
+REGION_ICON = 64  # pixels of a region hit's thumbnail side
+REGION_SIMILARITY = "PathFLIP region similarity"
+OVERLAYS = ("PathFLIP heatmap", "PathFLIP boxes", REGION_SIMILARITY)  # kept above an opened slide layer
 
 
 def _shared_model(analysis, weights_id: str):
@@ -64,6 +74,48 @@ def _similar(library: Library, row: int, top: int):
     return f"like {library.names[row]}", hits, [library.thumbnail(hit.row) for hit in hits]
 
 
+def _region_thumbnail(path: str, box, side: int = REGION_ICON) -> np.ndarray:
+    """The level-0 box of a slide as a `side`-px RGB icon, read at the coarsest level that still has the pixels."""
+    from ..slide import open_slide
+
+    x0, y0, x1, y1 = box
+    with open_slide(path) as slide:
+        level = slide.best_level_for_downsample(max(x1 - x0, y1 - y0) / side)
+        ds = slide.downsamples[level]
+        pixels = slide.read_region((x0, y0), level, (max(1, round((x1 - x0) / ds)), max(1, round((y1 - y0) / ds))))
+    from skimage.transform import resize
+
+    return (resize(pixels, (side, side), preserve_range=True, anti_aliasing=True)).astype(np.uint8)
+
+
+def _regions(library: Library, query, shape, top: int):
+    """Worker body: the region hits of `shape` on slide `query` (a SlideAnalysis on the library's weights, or its
+    path), their thumbnails and the RegionQuery (an opened hit's heatmap is its similarity)."""
+    with MODEL_LOCK:
+        region = library.region_query(query, shape)
+        hits = library.similar_regions(region, top)
+    x0, y0, x1, y1 = region.box
+    return (f"regions like x {x0}-{x1}, y {y0}-{y1}", hits, [_region_thumbnail(h.path, h.box) for h in hits],
+            region)
+
+
+def _advice(reason: str) -> str:
+    """What to do about a slide that failed to index, in terms of the panels' own controls: the core's message
+    without its command-line flags (the panel has none), plus the step that fixes it here."""
+    sentences = [part for part in reason.replace("\n", " ").split(". ") if "--" not in part]
+    text = ". ".join(sentences).strip().rstrip(".")
+    lowered = reason.lower()
+    if "weights" in lowered:
+        step = "set the weights folder in the Slide panel, then index again"
+    elif "memory" in lowered:
+        step = "pick device 'cpu' in the Slide panel or close other programs, then index again"
+    elif "patch" in lowered or "small" in lowered:
+        step = "the slide is too small for the weights' patches: choose a different slides folder without it"
+    else:
+        step = "check that the file opens (File > Open), or choose a different slides folder without it"
+    return f"{text}. What to do: {step}."
+
+
 def _prepare(library: Library, row: int):
     analysis = library.analysis(row)
     with MODEL_LOCK:
@@ -86,16 +138,21 @@ class LibraryPanel(QGroupBox):
     opened = Signal(object, object, str)
     indexed = Signal(object)
     _progressed = Signal(int, int, str, int, int)
+    _waiting = Signal(str)
 
-    def __init__(self, viewer, weights: Callable[[], str] | None = None, parent=None):
-        """`weights`: the weights folder a new library is indexed with (the workspace passes the slide panel's)."""
+    def __init__(self, viewer, weights: Callable[[], str] | None = None, localize=None, parent=None):
+        """`weights`: the weights folder a new library is indexed with (the workspace passes the slide panel's);
+        `localize`: the Localize panel, whose selected box is a region query when no shape is selected."""
         super().__init__("Library", parent)
         self.viewer = viewer
         self.weights = weights or (lambda: str(WeightsFolder.resolve()))
+        self.localize = localize
         self.analysis = None  # the workspace's SlideAnalysis: its PathFLIP is shared when the weights match
+        self.slide_layer = None  # the layer of the analysed slide (region queries are drawn over it)
         self.library: Library | None = None
         self.query_text = ""
         self.hits: list = []
+        self.region = None  # the RegionQuery of the listed hits, when they are region hits
         self.runner = LatestRunner(self)
         self.runner.finished.connect(self._show_results)
         self.runner.failed.connect(lambda exc, seq: self._search_failed(exc))
@@ -128,8 +185,19 @@ class LibraryPanel(QGroupBox):
         self.similar_button = QPushButton("Similar slides")
         self.similar_button.setToolTip("List the slides most like the selected one")
         self.similar_button.clicked.connect(self.similar)
+        self.regions_button = QPushButton("Find similar regions")
+        self.regions_button.setToolTip("Draw a rectangle or polygon on a Shapes layer over the analysed slide and "
+                                       "select it (or select a Localize box): list the places most like it")
+        self.regions_button.clicked.connect(self.find_regions)
         self.status = QLabel()
         self.status.setWordWrap(True)
+        self.failures = QListWidget()
+        self.failures.setWordWrap(True)
+        self.failures.setMaximumHeight(90)
+        self.failures.setToolTip("Slides the last indexing could not add, with what to do")
+        self.failures_label = QLabel("<b>Not indexed</b>")
+        for widget in (self.failures, self.failures_label):
+            widget.setVisible(False)
 
         folder_row = QHBoxLayout()
         folder_row.addWidget(folder)
@@ -148,16 +216,22 @@ class LibraryPanel(QGroupBox):
         layout.addWidget(self.progress.bar)
         layout.addLayout(query_row)
         layout.addWidget(self.results)
-        layout.addWidget(self.similar_button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.similar_button)
+        buttons.addWidget(self.regions_button)
+        layout.addLayout(buttons)
         layout.addWidget(self.status)
+        layout.addWidget(self.failures_label)
+        layout.addWidget(self.failures)
         self._progressed.connect(self._show_progress)
+        self._waiting.connect(self.status.setText)
         self._enable_search(False)
 
     # ------------------------------------------------------------------------------------------------------ library
-    def set_analysis(self, analysis) -> None:
-        """The workspace's analysed slide (or None): libraries loaded or indexed from now on use its PathFLIP when
-        they were indexed with the same weights."""
-        self.analysis = analysis
+    def set_analysis(self, analysis, slide_layer=None) -> None:
+        """The workspace's analysed slide (or None) and its layer: libraries loaded or indexed from now on use its
+        PathFLIP when they were indexed with the same weights; region queries are drawn over the layer."""
+        self.analysis, self.slide_layer = analysis, slide_layer
 
     def load(self) -> None:
         """Load the library in the folder field (the model and its table) in a worker."""
@@ -184,7 +258,7 @@ class LibraryPanel(QGroupBox):
         self.info.setText(f"Not loaded: {exc}")
 
     def _enable_search(self, on: bool) -> None:
-        for widget in (self.query, self.results, self.similar_button):
+        for widget in (self.query, self.results, self.similar_button, self.regions_button):
             widget.setEnabled(on)
 
     # ------------------------------------------------------------------------------------------------------- search
@@ -205,17 +279,68 @@ class LibraryPanel(QGroupBox):
             return
         self.runner.submit(_similar, self.library, self.hits[row].row, self.top.value())
 
+    def find_regions(self) -> None:
+        """Search the library for the query region (query_shape) of the analysed slide, in the LatestRunner."""
+        from napari.utils.notifications import show_warning
+
+        if self.library is None:
+            show_warning("Load a library first: Find similar regions searches its slides.")
+            return
+        shape = self.query_shape()
+        if shape is None:
+            show_warning("Analyze a slide, draw a rectangle or polygon over it on a Shapes layer and select it (or "
+                         "select a Localize box), then press Find similar regions.")
+            return
+        # the analysis itself when its weights are the library's (its encoding is ready), else the slide file,
+        # which the library reads from its table or encodes with its own weights
+        same = _shared_model(self.analysis, self.library.attrs["weights_id"]) is not None
+        query = self.analysis if same else self.analysis.slide_path
+        self.status.setText(f"Searching {len(self.library)} slides for regions like the one drawn...")
+        self.runner.submit(_regions, self.library, query, shape, self.top.value())
+
+    def query_shape(self):
+        """The query region in level-0 px of the analysed slide: the selected rectangle (box) or polygon (vertices)
+        of the active Shapes layer (else of any Shapes layer with a selection), else the selected Localize box;
+        None when there is neither."""
+        from napari.layers import Shapes
+
+        slide = self.slide_layer
+        if self.analysis is None or slide is None or slide not in self.viewer.layers:
+            return None
+        active = self.viewer.layers.selection.active
+        layers = [active] if isinstance(active, Shapes) else []
+        layers += [layer for layer in self.viewer.layers if isinstance(layer, Shapes) and layer is not active]
+        for layer in layers:
+            if layer.selected_data:
+                index = min(layer.selected_data)
+                # layer data -> world -> slide data (y, x); a level-0 pixel (x, y) sits at data (y - 0.5, x - 0.5)
+                vertices = np.array([slide.world_to_data(layer.data_to_world(v))[-2:]
+                                     for v in layer.data[index]], dtype=np.float64)
+                xy = vertices[:, ::-1] + 0.5
+                if layer.shape_type[index] == "rectangle":
+                    (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
+                    return (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
+                return [tuple(v) for v in xy.tolist()]
+        localize = self.localize
+        if localize is not None and localize.result is not None and localize.boxes_list.currentRow() >= 0:
+            return tuple(int(v) for v in localize.result.top_boxes[localize.boxes_list.currentRow(), :4])
+        return None
+
     def _show_results(self, payload, seq: int) -> None:
-        query, hits, thumbnails = payload
-        self.query_text, self.hits = query, hits
+        query, hits, thumbnails, *region = payload
+        self.query_text, self.hits, self.region = query, hits, (region[0] if region else None)
         self.results.clear()
+        self.results.setIconSize(QSize(REGION_ICON, REGION_ICON) if region else QSize(ICON, ICON))
         for rank, (hit, thumbnail) in enumerate(zip(hits, thumbnails), 1):
             where = (f"\nregion x {hit.box[0]}-{hit.box[2]}, y {hit.box[1]}-{hit.box[3]}: {hit.region_score:.3f}"
-                     if hit.box else "")
+                     if hit.box and not region else
+                     f"\nx {hit.box[0]}-{hit.box[2]}, y {hit.box[1]}-{hit.box[3]}" if hit.box else "")
             item = QListWidgetItem(_icon(thumbnail), f"#{rank}  {hit.score:.3f}  {hit.name}{where}")
             item.setToolTip(hit.path)
             self.results.addItem(item)
-        self.status.setText(f"{len(hits)} of {len(self.library)} slides, {query}. Double-click one to open it.")
+        what = "places" if region else "slides"
+        self.status.setText(f"{len(hits)} {what} of {len(self.library)} slides, {query}. Double-click one to open "
+                            "it.")
         self.results_shown.emit(query, hits)
 
     def _search_failed(self, exc: BaseException) -> None:
@@ -225,23 +350,79 @@ class LibraryPanel(QGroupBox):
     # --------------------------------------------------------------------------------------------------------- open
     def open_hit(self, index: int) -> None:
         """Open hit `index` of the list: its analysis from the library's cache (worker), then the slide layer."""
-        hit, query = self.hits[index], self.query_text
+        hit, query, region = self.hits[index], self.query_text, self.region
         self.status.setText(f"Opening {hit.name}...")
         self._workers.keep(run_in_background(_prepare, self.library, hit.row,
-                                             on_done=lambda analysis: self._show_hit(analysis, hit, query)))
+                                             on_done=lambda analysis: self._show_hit(analysis, hit, query, region)))
 
-    def _show_hit(self, analysis, hit, query: str) -> None:
-        layer = next((layer for layer in self.viewer.layers
-                      if layer.metadata.get("pathflip_slide", {}).get("path") == hit.path), None)
+    def slide_layer_of(self, path: str, fingerprint: str | None):
+        """The open layer of a slide (same content fingerprint, or same path), or None."""
+        for layer in self.viewer.layers:
+            info = layer.metadata.get("pathflip_slide") or {}
+            if info and ((fingerprint and info.get("fingerprint") == fingerprint) or info.get("path") == path):
+                return layer
+        return None
+
+    def _below_overlays(self, layer) -> None:
+        """Move the slide layer just below the lowest heatmap / boxes / similarity layer, so they show over it."""
+        layers = self.viewer.layers
+        overlays = [layers.index(name) for name in OVERLAYS if name in layers]
+        at = layers.index(layer)
+        if overlays and at > min(overlays):
+            layers.move(at, min(overlays))
+
+    def _show_hit(self, analysis, hit, query: str, region=None) -> None:
+        fingerprint = self.library.fingerprints[hit.row] if self.library is not None else None
+        layer = self.slide_layer_of(hit.path, fingerprint)
         if layer is None:
             try:
                 layer = self.viewer.open(hit.path, plugin=PLUGIN)[0]
             except PathflipError as exc:
                 notify_error(exc)
                 return
+        self._below_overlays(layer)
         self.viewer.layers.selection.active = layer
+        if region is not None:
+            self.status.setText(f"Opened <b>{hit.name}</b> at the place like the query ({hit.score:.3f})")
+            self.opened.emit(analysis, layer, "")
+            self._paint_similarity(analysis, layer, hit, region)
+            self.zoom_to(layer, hit.box)
+            return
         self.status.setText(f"Opened <b>{hit.name}</b>" + (f", showing <b>{query}</b>" if hit.box else ""))
         self.opened.emit(analysis, layer, query if hit.box else "")
+
+    def _paint_similarity(self, analysis, layer, hit, region) -> None:
+        """The cosine of each patch of the hit's slide to the query region, as an Image layer over the slide layer
+        (placed as Localize places its heatmap)."""
+        from .localize import heat_colormap
+
+        encoding = analysis.encoding
+        similarity = self.library.region_similarity(hit.row, region)
+        dimensions = int(encoding.region_boxes[:, 2].max()), int(encoding.region_boxes[:, 3].max())
+        grid = score_grid(encoding.patch_coords, encoding.patch_size_level0, similarity, dimensions)
+        values = np.nan_to_num(normalise(grid.values), nan=0.0)
+        sy, sx = (float(v) for v in layer.scale[-2:])
+        scale, translate = grid.placement((sx, sy))
+        translate = tuple(np.asarray(translate) + np.asarray(layer.translate[-2:], dtype=float))
+        if REGION_SIMILARITY in self.viewer.layers:
+            heat = self.viewer.layers[REGION_SIMILARITY]
+            heat.scale, heat.translate, heat.data = scale, translate, values
+        else:
+            heat = self.viewer.add_image(values, name=REGION_SIMILARITY, scale=scale, translate=translate,
+                                         colormap=heat_colormap(), blending="translucent", opacity=0.6,
+                                         contrast_limits=(0.2, 1.0), units=layer.units)
+        heat.metadata["pathflip_region"] = {"slide": hit.path, "box": hit.box, "query": region.box}
+        self._below_overlays(layer)
+        self.viewer.layers.selection.active = layer
+
+    def zoom_to(self, layer, box) -> None:
+        """Centre the camera on a level-0 box of the slide layer and zoom so that it fills the canvas."""
+        x0, y0, x1, y1 = box
+        low = np.asarray(layer.data_to_world((y0 - 0.5, x0 - 0.5)), dtype=float)[-2:]
+        high = np.asarray(layer.data_to_world((y1 - 0.5, x1 - 0.5)), dtype=float)[-2:]
+        camera = self.viewer.scene.camera
+        camera.center = tuple((low + high) / 2)
+        camera.zoom = 0.9 * float(np.min(np.asarray(self.viewer.canvas.size) / (high - low)))
 
     # -------------------------------------------------------------------------------------------------------- index
     @property
@@ -272,8 +453,12 @@ class LibraryPanel(QGroupBox):
         def report(number: int, total: int, name: str, done: int, patches: int) -> None:  # worker thread
             self._progressed.emit(number, total, name, done, patches)
 
+        def waiting(message: str) -> None:  # worker thread
+            self._waiting.emit(f"Waiting: {message}")
+
+        self.failures.clear()
         self._workers.keep(run_in_background(_index, slides, library, weights, self.analysis, device="cpu",
-                                             progress=report, cancel=cancel, on_done=self._indexed,
+                                             progress=report, cancel=cancel, on_wait=waiting, on_done=self._indexed,
                                              on_error=self._index_failed, on_finished=self._index_finished))
 
     def cancel(self) -> None:
@@ -286,10 +471,21 @@ class LibraryPanel(QGroupBox):
             self.status.setText(f"Indexing slide {number + 1} of {total}, {name}{detail}")
 
     def _indexed(self, summary) -> None:
-        failed = "".join(f"<br>failed: {Path(path).name}: {reason}" for path, reason in summary.failed)
+        from napari.utils.notifications import show_warning
+
+        for path, reason in summary.failed:
+            text = f"{Path(path).name}: {_advice(reason)}"
+            show_warning(f"PathFLIP could not index {text}")
+            item = QListWidgetItem(text)
+            item.setToolTip(f"{path}\n{reason}")
+            self.failures.addItem(item)
+        for widget in (self.failures, self.failures_label):
+            widget.setVisible(self.failures.count() > 0)
+        failed = ", ".join(Path(path).name for path, _ in summary.failed)
         state = "cancelled (run it again to continue)" if summary.cancelled else "done"
         self.status.setText(f"Indexing {state}: {len(summary.indexed)} indexed, {len(summary.skipped)} already "
-                            f"there, {len(summary.failed)} failed; {summary.count} slides in the library{failed}")
+                            f"there, {len(summary.failed)} failed; {summary.count} slides in the library"
+                            + (f" (not indexed: {failed}, listed below)" if failed else ""))
         self.indexed.emit(summary)
         self.load()
 

@@ -27,7 +27,7 @@ class Workspace(QWidget):
         self.slide = SlidePanel(napari_viewer)
         self.localize = LocalizePanel(napari_viewer)
         self.chat = ChatDock(napari_viewer)
-        self.library = LibraryPanel(napari_viewer, weights=self.slide.weights_edit.text)
+        self.library = LibraryPanel(napari_viewer, weights=self.slide.weights_edit.text, localize=self.localize)
         title = QLabel("<b>PathFLIP</b>: open a slide, press Analyze, then type a finding to see where it is.")
         title.setWordWrap(True)
 
@@ -80,4 +80,5 @@ class Workspace(QWidget):
     def _analysis_changed(self, analysis) -> None:
         self.localize.set_analysis(analysis, self.slide.analysed_layer)
         self.chat.set_analysis(analysis)
-        self.library.set_analysis(analysis)  # the library shares the loaded model when the weights are the same
+        # the library shares the loaded model when the weights are the same, and takes region queries over the layer
+        self.library.set_analysis(analysis, self.slide.analysed_layer)
