@@ -620,4 +620,3 @@ def test_library_regions_screenshot(make_napari_viewer, demo_library, qtbot, tmp
     out.mkdir(parents=True, exist_ok=True)
     window = viewer.screenshot(str(out / "library_regions.png"), canvas_only=False)
     assert window.shape[0] > 500
-    print("region hits:", [(h.name, h.box, round(h.score, 3)) for h in hits])

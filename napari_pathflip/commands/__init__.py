@@ -22,7 +22,7 @@ COMMANDS = {
     "classify": ("analysis:classify_main",
                  "zero-shot classification of a slide, or of every slide of a library, with text prompts"),
     "index": ("library:index_main", "index slides into a library (resumable, shardable)"),
-    "search": ("library:search_main", "rank a library's slides by a text or by a slide (--like)"),
+    "search": ("library:search_main", "rank a library's slides by a text, by a slide (--like) or by a region (--region)"),
     "chat": ("chat:chat_main", "ask a question about a slide (streamed answer)"),
     "caption": ("chat:caption_main", "describe a slide (streamed)"),
     "evaluate-grounding": ("annotations:evaluate_grounding_main",
@@ -34,7 +34,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: pathflip COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     module, function = COMMANDS[argv[0]][0].split(":")

@@ -311,8 +311,8 @@ class ChatDock(QWidget):
         self._refresh(f"Chatting about <b>{Path(analysis.slide_path).name}</b> again: its conversation goes on.")
 
     def _slide_key(self, analysis) -> tuple:
-        return str(Path(analysis.slide_path).resolve()), analysis.weights.id, str(self.chat_folder()), \
-            str(self._llm_folder)
+        return (str(Path(analysis.slide_path).resolve()), analysis.weights.id, str(analysis.device),
+                str(self.chat_folder()), str(self._llm_folder))
 
     def set_chat_folder(self, folder: str | Path | None) -> None:
         """Use this chat folder instead of the one beside the weights (None: back to the default)."""
