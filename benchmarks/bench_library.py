@@ -216,6 +216,8 @@ def bench_latency(args) -> None:
                        "seen", "present", "focal", "extensive")][:args.queries]
     for slides in args.slides:
         rng = np.random.default_rng(0)
+        if args.work:
+            Path(args.work).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="bench-library-", dir=args.work))
         try:
             table_s, index_s, shapes = build_library(work, model, weights, slides, args, rng)

@@ -29,7 +29,7 @@ from napari_pathflip.library import TABLE, Table, index_slides
 from napari_pathflip.library.store import FORMAT_VERSION, LibraryDamaged
 from napari_pathflip.model import PathFLIP
 from napari_pathflip.slide import open_slide
-from napari_pathflip.weights import MANIFEST_FILE, MODEL_FILE, verify_manifest, write_encoder, write_manifest
+from napari_pathflip.weights import MANIFEST_FILE, MODEL_FILE, verify_manifest, write_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = 3
