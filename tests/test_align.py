@@ -140,7 +140,10 @@ def test_torchrun_two_cpu_processes(split, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "training", "align", "--config", str(config)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:  # say where the two processes were, not only that they took too long
+        pytest.fail(f"torchrun did not finish in 300 s:\n{(exc.stdout or b'')[-3000:]!r}\n{(exc.stderr or b'')[-3000:]!r}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "run"
     assert "2 process(es)" in done.stdout and [r["step"] for r in log(out)] == [1, 2, 3]
