@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -536,8 +537,15 @@ def train(config: AlignConfig, resume: bool = False) -> Path:
         model.save_pretrained(final)
         write_encoder(final, config.encoder)
         print(f"weights: {final}", flush=True)
-    _barrier()
     if world > 1 and dist.is_initialized():
+        # gloo teardown can deadlock: a process group destroyed while its worker thread still drops the last
+        # collective's tensors (that thread needs the GIL the destructor holds). Seen as a rank hung at exit with
+        # the DDP reducer freed after destroy_process_group. So: the reducer goes while the group is alive, and the
+        # worker thread gets a moment without the GIL after the final barrier before the group is destroyed.
+        del net
+        gc.collect()
+        _barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
     return final
 
