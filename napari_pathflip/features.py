@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PathflipError
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, sha256_of
 from .tiling import region_ids as compute_region_ids
 
 FORMAT_VERSION = 1
@@ -92,14 +92,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return float("inf")  # gone already
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +216,7 @@ class SlideStore:
                 raise ValueError(f"features.h5 is {stat.st_size} bytes, manifest says {manifest['size']}")
             stamp = (stat.st_size, stat.st_mtime_ns)
             if _VERIFIED.get(str(self.h5)) != stamp:
-                if _sha256(self.h5) != manifest["sha256"]:
+                if sha256_of(self.h5) != manifest["sha256"]:
                     raise ValueError("features.h5 checksum differs from the manifest")
                 _VERIFIED[str(self.h5)] = stamp
             feature_set = read_h5(self.h5)
@@ -255,7 +247,7 @@ class SlideStore:
             "dim": int(feature_set.features.shape[1]),
             "dtype": str(feature_set.features.dtype),
             "size": self.h5.stat().st_size,
-            "sha256": _sha256(self.h5),
+            "sha256": sha256_of(self.h5),
             "encoder_id": feature_set.attrs.get("encoder_id"),
             "slide_fingerprint": feature_set.attrs.get("slide_fingerprint"),
             "slide_name": feature_set.attrs.get("slide_name"),

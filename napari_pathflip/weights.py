@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import PathflipError
+from .files import sha256_of
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +37,8 @@ CHAT_DIR = "chat"  # the chat folder sits beside the PathFLIP folder: weights/pa
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "sample_data" / "weights" / "pathflip"
 DEVICES = ("auto", "cuda", "cpu")
 
-_ids: dict[tuple, str] = {}  # content ids by (folder, stat of its files): hashed once per change
 _verified: set[tuple] = set()  # (manifest, stat of its files) already checked in this process
+_hashes: dict[tuple, str] = {}  # sha256 by (file, size, mtime)
 
 
 def default_cache_dir() -> Path:
@@ -80,12 +81,9 @@ class WeightsFolder:
     def id(self) -> str:
         """Content id (sha256 of the model, config and encoder files): names cached encodings, libraries and the
         chat's visual-token cache, so retrained or replaced weights never meet results of the old ones."""
-        stats = _stats(self.path, (CONFIG_FILE, MODEL_FILE, ENCODER_FILE))
-        key = (str(self.path.resolve()), stats)
-        if key not in _ids:
-            parts = [f"{name}:{_sha256(self.path / name)}" for name, _, _ in stats]
-            _ids[key] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-        return _ids[key]
+        parts = [f"{name}:{_sha256(self.path / name)}" for name in (CONFIG_FILE, MODEL_FILE, ENCODER_FILE)
+                 if (self.path / name).is_file()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     @property
     def encoder(self) -> str:
@@ -106,11 +104,13 @@ class WeightsFolder:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """files.sha256_of, once per version of the file in this process: the content id and the manifest check of a
+    folder hash its model file once between them."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = sha256_of(path)
+    return _hashes[key]
 
 
 def _stats(folder: Path, names) -> tuple:

@@ -257,6 +257,27 @@ def _bring_to_front(qtbot, panel) -> None:
     qtbot.waitUntil(panel.isVisible, timeout=5000)
 
 
+def _workspace_with_library(make_napari_viewer, qtbot, library, size=None):
+    """A shown viewer (resized to `size`, e.g. the screenshots') with the workspace, its library tab in front
+    holding `library`."""
+    viewer = make_napari_viewer(show=True)
+    if size:
+        viewer.window.resize(*size)
+    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
+    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
+    panel = workspace.library
+    _bring_to_front(qtbot, panel)
+    _load(qtbot, panel, library)
+    return viewer, workspace, panel
+
+
+def _screenshot_dir(tmp_path) -> Path:
+    """$PATHFLIP_SCREENSHOT_DIR (docs/screenshots for the README), else the test's own folder."""
+    out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _load(qtbot, panel, folder) -> None:
     panel.folder_edit.setText(str(folder))
     with qtbot.waitSignal(panel.loaded, timeout=60_000):
@@ -266,12 +287,7 @@ def _load(qtbot, panel, folder) -> None:
 def test_library_panel_query_list_open_heatmap(make_napari_viewer, library, qtbot):
     from napari_pathflip.viewer.localize import HEATMAP
 
-    viewer = make_napari_viewer(show=True)
-    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
-    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
-    panel = workspace.library
-    _bring_to_front(qtbot, panel)
-    _load(qtbot, panel, library)
+    viewer, workspace, panel = _workspace_with_library(make_napari_viewer, qtbot, library)
     assert "4 slides" in panel.info.text()
     with qtbot.waitSignal(panel.results_shown, timeout=30_000,
                           check_params_cb=lambda query, hits: query == "necrosis") as shown:
@@ -399,13 +415,7 @@ def test_library_screenshot(make_napari_viewer, demo_library, qtbot, tmp_path):
     searched for "necrosis" with the trained demo weights, the first hit opened with its heatmap."""
     from napari_pathflip.viewer.localize import BOXES, HEATMAP
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1500, 950)
-    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
-    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
-    panel = workspace.library
-    _bring_to_front(qtbot, panel)
-    _load(qtbot, panel, demo_library)
+    viewer, workspace, panel = _workspace_with_library(make_napari_viewer, qtbot, demo_library, (1500, 950))
     with qtbot.waitSignal(panel.results_shown, timeout=30_000):
         qtbot.keyClicks(panel.query, "necrosis")
     with qtbot.waitSignal(workspace.localize.heatmap_updated, timeout=60_000,
@@ -414,8 +424,7 @@ def test_library_screenshot(make_napari_viewer, demo_library, qtbot, tmp_path):
     _bring_to_front(qtbot, panel)  # opening the slide brought the workspace tab forward
     panel.results.setCurrentRow(0)
     qtbot.wait(300)
-    out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
-    out.mkdir(parents=True, exist_ok=True)
+    out = _screenshot_dir(tmp_path)
     overlay = viewer.screenshot(canvas_only=True)
     window = viewer.screenshot(str(out / "library.png"), canvas_only=False)
     assert window.shape[1] > overlay.shape[1]
@@ -467,12 +476,7 @@ def test_library_panel_finds_similar_regions_and_opens_a_hit_below_its_heatmap(m
     from napari_pathflip.viewer.library_panel import REGION_SIMILARITY
     from napari_pathflip.viewer.localize import HEATMAP
 
-    viewer = make_napari_viewer(show=True)
-    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
-    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
-    panel = workspace.library
-    _bring_to_front(qtbot, panel)
-    _load(qtbot, panel, library)
+    viewer, workspace, panel = _workspace_with_library(make_napari_viewer, qtbot, library)
     lib = panel.library
     analysis = lib.analysis(1)
     analysis.prepare()
@@ -586,13 +590,7 @@ def test_library_regions_screenshot(make_napari_viewer, demo_library, qtbot, tmp
     with its region similarity."""
     from napari_pathflip.viewer.library_panel import REGION_SIMILARITY
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1500, 950)
-    _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
-    qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
-    panel = workspace.library
-    _bring_to_front(qtbot, panel)
-    _load(qtbot, panel, demo_library)
+    viewer, workspace, panel = _workspace_with_library(make_napari_viewer, qtbot, demo_library, (1500, 950))
     lib = panel.library
     row = int(np.flatnonzero(lib.names == "test-0.tiff")[0])
     analysis = lib.analysis(row)
@@ -616,7 +614,6 @@ def test_library_regions_screenshot(make_napari_viewer, demo_library, qtbot, tmp
     viewer.layers.selection.active = viewer.layers[REGION_SIMILARITY]
     viewer.camera.zoom /= 3  # the place and what surrounds it
     qtbot.wait(300)
-    out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
-    out.mkdir(parents=True, exist_ok=True)
+    out = _screenshot_dir(tmp_path)
     window = viewer.screenshot(str(out / "library_regions.png"), canvas_only=False)
     assert window.shape[0] > 500

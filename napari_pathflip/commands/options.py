@@ -60,10 +60,12 @@ def slide_inputs(inputs: list[str]) -> list[str]:
 
     from ..extraction import collect_slides
 
-    for item in inputs:
-        if Path(item).is_dir() and not collect_slides([item]):
-            print(f"warning: no slides in the folder {item} (looked for {' '.join(SLIDE_SUFFIXES)} files and DICOM folders)", file=sys.stderr)
-    slides = collect_slides(inputs)
+    found = {item: collect_slides([item]) for item in inputs}  # each folder walked once
+    for item, slides in found.items():
+        if Path(item).is_dir() and not slides:
+            print(f"warning: no slides in the folder {item} (looked for {' '.join(SLIDE_SUFFIXES)} files and "
+                  "DICOM folders)", file=sys.stderr)
+    slides = list(dict.fromkeys(slide for item in inputs for slide in found[item]))  # collect_slides' order
     if not slides:
         raise PathflipError(f"no slides found in {' '.join(inputs)}: give slide files, folders holding slides or "
                             "CSV lists of slides.")

@@ -428,20 +428,15 @@ class Library:
         """The `top` slides most like `query` (a table row, or a slide file: read from the library when it is in
         it, else analysed into the library's cache without being added), the query itself left out; see the
         module doc for the score (without a patch-text head: the slide-embedding cosine)."""
-        import torch
 
         row, encoding = self._query_slide(query) if not isinstance(query, (int, np.integer)) else (int(query), None)
+        units = self._unit.numpy()
         if row is not None:
-            unit, own = self._unit[row], (self.profiles[row] if self._terms is not None else None)
+            unit, own = units[row], (self.profiles[row] if self._terms is not None else None)
         else:
-            unit = torch.nn.functional.normalize(encoding.slide_embedding.cpu().float(), dim=-1)
-            own = None if self._terms is None else ann.profile_of(encoding.patch_embeddings.cpu().numpy(),
-                                                                   encoding.region_index, self._terms)
-        score = like_scores(self.profiles, self._unit.numpy(), own, unit.numpy(), self.search_config.like_cosine)
-        if row is not None:
-            score[row] = -np.inf
-        order = [int(i) for i in np.argsort(-score, kind="stable")[:top] if np.isfinite(score[i])]
-        return [Hit(i, self.names[i], self.paths[i], float(score[i])) for i in order]
+            unit, own = like_query(encoding, self._terms)
+        score = like_scores(self.profiles, units, own, unit, self.search_config.like_cosine)
+        return ranked_hits(score, row, top, self.names, self.paths)
 
     # ---------------------------------------------------------------------------------------------- regions
     def region_query(self, query, shape) -> RegionQuery:
@@ -510,6 +505,24 @@ def term_weights(profiles: np.ndarray) -> np.ndarray:
         within = (s2[i - 1] - i * left_mean ** 2) + (s2[-1] - s2[i - 1] - (n - i) * right_mean ** 2)
         weights[t] = np.max((right_mean - left_mean) / np.sqrt(np.maximum(within / n, 1e-12)))
     return weights
+
+
+def like_query(encoding, terms: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(unit slide embedding, evidence profile for `terms` or None) of a query slide that is not a row."""
+    import torch
+
+    unit = torch.nn.functional.normalize(encoding.slide_embedding.cpu().float(), dim=-1).numpy()
+    own = None if terms is None else ann.profile_of(encoding.patch_embeddings.cpu().numpy(), encoding.region_index,
+                                                    terms)
+    return unit, own
+
+
+def ranked_hits(score: np.ndarray, row: int | None, top: int, names, paths) -> list[Hit]:
+    """The `top` best-scoring rows as hits, the query's own `row` left out (rows scoring -inf never listed)."""
+    if row is not None:
+        score[row] = -np.inf
+    order = [int(i) for i in np.argsort(-score, kind="stable")[:top] if np.isfinite(score[i])]
+    return [Hit(i, names[i], paths[i], float(score[i])) for i in order]
 
 
 def like_scores(profiles: np.ndarray | None, units: np.ndarray, own: np.ndarray | None, unit: np.ndarray,
@@ -676,16 +689,9 @@ class Shards:
             shard, local = self._locate(row)
             own, unit = (None if profiles is None else profiles[row]), self._unit[row]
         else:
-            encoding = with_row[1]
-            unit = np.asarray(encoding.slide_embedding.cpu().float().numpy())
-            unit = unit / max(float(np.linalg.norm(unit)), 1e-12)
-            own = None if first._terms is None else ann.profile_of(encoding.patch_embeddings.cpu().numpy(),
-                                                                    encoding.region_index, first._terms)
+            unit, own = like_query(with_row[1], first._terms)
         score = like_scores(profiles, self._unit, own, unit, first.search_config.like_cosine)
-        if row is not None:
-            score[row] = -np.inf
-        order = [int(i) for i in np.argsort(-score, kind="stable")[:top] if np.isfinite(score[i])]
-        return [Hit(i, self.names[i], self.paths[i], float(score[i])) for i in order]
+        return ranked_hits(score, row, top, self.names, self.paths)
 
     def region_query(self, query, shape) -> RegionQuery:
         if isinstance(query, (int, np.integer)):
