@@ -107,21 +107,29 @@ class SlideAnalysis:
 def heatmap_grid(encoding, result, patch_level: bool) -> ScoreGrid:
     """What the heatmap shows for a grounding result: its patch (or region) scores on their grid, normalised to
     [0, 1] over the slide, 0 where there is no score. The Localize layer and every export use this one grid."""
+    if patch_level and result.patch_scores is not None:
+        return score_heatmap(encoding, result.patch_scores)
+    return score_heatmap(encoding, result.region_scores, patches=False)
+
+
+def score_heatmap(encoding, scores, patches: bool = True) -> ScoreGrid:
+    """Scores of the encoding's patches (or regions) on their grid, normalised to [0, 1] over the slide, 0 where
+    there is none: how every heatmap of a slide is shown (a query's, a region's similarity)."""
     # the region grid covers every patch, so its far corner bounds the scored part of the slide
     dimensions = int(encoding.region_boxes[:, 2].max()), int(encoding.region_boxes[:, 3].max())
-    if patch_level and result.patch_scores is not None:
-        grid = score_grid(encoding.patch_coords, encoding.patch_size_level0, result.patch_scores, dimensions)
+    if patches:
+        grid = score_grid(encoding.patch_coords, encoding.patch_size_level0, scores, dimensions)
     else:
-        grid = score_grid(encoding.region_boxes[:, :2], encoding.region_size_level0, result.region_scores,
-                          dimensions)
+        grid = score_grid(encoding.region_boxes[:, :2], encoding.region_size_level0, scores, dimensions)
     return ScoreGrid(np.nan_to_num(normalise(grid.values), nan=0.0), grid.cell)
 
 
 def write_grounding(analysis: SlideAnalysis, result, out: Path, threshold: float = 0.0,
                     opacity: float = 0.7, patch_level: bool | None = None) -> Path:
     """The result as a file, by its suffix: .png (the slide's smallest level with the heatmap grid blended on top
-    as the Localize layer shows it at this threshold and opacity), .npz (scores with level-0 coordinates, and the heatmap grid) or .geojson
-    (the top regions). `patch_level`: which grid the heatmap shows (default: patches when the result has them)."""
+    as the Localize layer shows it at this threshold and opacity), .npz (scores with level-0 coordinates, and the
+    heatmap grid) or .geojson (the top regions). `patch_level`: which grid the heatmap shows (default: patches when
+    the result has them)."""
     from .slide import open_slide
 
     encoding = analysis.encoding

@@ -534,8 +534,8 @@ def test_library_panel_finds_similar_regions_and_opens_a_hit_below_its_heatmap(m
     assert panel.query_shape() == expected
 
 
-def test_library_panel_lists_and_notifies_slides_that_fail_to_index_and_waits_for_a_lock(make_napari_viewer, slides, head_weights,
-                                                                     monkeypatch, qtbot, tmp_path):
+def test_library_panel_lists_and_notifies_slides_that_fail_to_index_and_waits_for_a_lock(
+        make_napari_viewer, slides, head_weights, monkeypatch, qtbot, tmp_path):
     """Each slide that fails is a napari warning and stays listed in the panel (a later search does not replace
     it), with advice for the panels' controls instead of command-line flags; a run that waits for another's lock
     says so in the panel."""

@@ -1,11 +1,15 @@
-"""Layer data for slides: what napari needs to show an open Slide."""
+"""Layer data for slides, what napari needs to show an open Slide, and where level-0 things sit over a slide layer
+(score grids, boxes, the camera on a box)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
+
 from ..errors import PathflipError
+from ..heatmap import ScoreGrid
 from ..slide import Slide
 
 
@@ -42,3 +46,29 @@ def slide_layer_data(slide: Slide, name: str | None = None) -> tuple:
         kwargs["scale"] = (slide.mpp[1], slide.mpp[0])
         kwargs["units"] = ("um", "um")
     return (slide.display_levels(_TileErrorNotifier()), kwargs, "image")
+
+
+def grid_placement(grid: ScoreGrid, layer) -> tuple[tuple, tuple]:
+    """(scale, translate) of a score grid over a slide layer, in that layer's own world units."""
+    sy, sx = (float(v) for v in layer.scale[-2:])
+    scale, translate = grid.placement((sx, sy))
+    offset = np.asarray(layer.translate[-2:], dtype=float)
+    return scale, tuple(np.asarray(translate) + offset)
+
+
+def box_world(layer, box) -> tuple[np.ndarray, np.ndarray]:
+    """World (y, x) corners of a level-0 box (x0, y0, x1, y1) over a slide layer (pixel x covers [x - 0.5,
+    x + 0.5) around its centre in the layer's data coordinates)."""
+    x0, y0, x1, y1 = box
+    scale = np.asarray(layer.scale[-2:], dtype=float)
+    offset = np.asarray(layer.translate[-2:], dtype=float)
+    return (np.array([y0, x0]) - 0.5) * scale + offset, (np.array([y1, x1]) - 0.5) * scale + offset
+
+
+def zoom_to(viewer, layer, box) -> None:
+    """Centre the camera on a level-0 box of a slide layer and zoom so that it fills 90 % of the canvas."""
+    low, high = box_world(layer, box)
+    camera = viewer.scene.camera
+    camera.center = tuple((low + high) / 2)
+    camera.zoom = 0.9 * float(np.min(np.asarray(viewer.canvas.size) / (high - low)))
+

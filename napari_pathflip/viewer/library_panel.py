@@ -26,11 +26,12 @@ from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
                             QPushButton, QSpinBox, QVBoxLayout)
 
+from ..analysis import score_heatmap
 from ..errors import PathflipError
-from ..heatmap import normalise, score_grid
 from ..library import IndexSummary, Library, Table, index_slides, indexing_weights, is_library
 from ..weights import WeightsFolder
 from .fields import FolderField, QueryField
+from .layers import grid_placement, zoom_to
 from .progress import RunningWorkers, TaskProgress
 from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 
@@ -386,7 +387,7 @@ class LibraryPanel(QGroupBox):
             self.status.setText(f"Opened <b>{hit.name}</b> at the place like the query ({hit.score:.3f})")
             self.opened.emit(analysis, layer, "")
             self._paint_similarity(analysis, layer, hit, region)
-            self.zoom_to(layer, hit.box)
+            zoom_to(self.viewer, layer, hit.box)
             return
         self.status.setText(f"Opened <b>{hit.name}</b>" + (f", showing <b>{query}</b>" if hit.box else ""))
         self.opened.emit(analysis, layer, query if hit.box else "")
@@ -396,14 +397,9 @@ class LibraryPanel(QGroupBox):
         (placed as Localize places its heatmap)."""
         from .localize import heat_colormap
 
-        encoding = analysis.encoding
-        similarity = self.library.region_similarity(hit.row, region)
-        dimensions = int(encoding.region_boxes[:, 2].max()), int(encoding.region_boxes[:, 3].max())
-        grid = score_grid(encoding.patch_coords, encoding.patch_size_level0, similarity, dimensions)
-        values = np.nan_to_num(normalise(grid.values), nan=0.0)
-        sy, sx = (float(v) for v in layer.scale[-2:])
-        scale, translate = grid.placement((sx, sy))
-        translate = tuple(np.asarray(translate) + np.asarray(layer.translate[-2:], dtype=float))
+        grid = score_heatmap(analysis.encoding, self.library.region_similarity(hit.row, region))
+        values = grid.values
+        scale, translate = grid_placement(grid, layer)
         if REGION_SIMILARITY in self.viewer.layers:
             heat = self.viewer.layers[REGION_SIMILARITY]
             heat.scale, heat.translate, heat.data = scale, translate, values
@@ -415,14 +411,6 @@ class LibraryPanel(QGroupBox):
         self._below_overlays(layer)
         self.viewer.layers.selection.active = layer
 
-    def zoom_to(self, layer, box) -> None:
-        """Centre the camera on a level-0 box of the slide layer and zoom so that it fills the canvas."""
-        x0, y0, x1, y1 = box
-        low = np.asarray(layer.data_to_world((y0 - 0.5, x0 - 0.5)), dtype=float)[-2:]
-        high = np.asarray(layer.data_to_world((y1 - 0.5, x1 - 0.5)), dtype=float)[-2:]
-        camera = self.viewer.scene.camera
-        camera.center = tuple((low + high) / 2)
-        camera.zoom = 0.9 * float(np.min(np.asarray(self.viewer.canvas.size) / (high - low)))
 
     # -------------------------------------------------------------------------------------------------------- index
     @property

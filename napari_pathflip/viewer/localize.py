@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QVBoxLayout)
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget,
+                            QPlainTextEdit, QPushButton, QSlider, QSpinBox, QVBoxLayout)
 
 from ..analysis import SlideAnalysis, heatmap_grid, write_grounding
 from ..errors import PathflipError
 from ..heatmap import HEAT_COLOURS, ScoreGrid
 from ..text import query_text
 from .fields import QueryField
+from .layers import box_world, grid_placement, zoom_to
 from .progress import RunningWorkers
 from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 
@@ -206,15 +208,8 @@ class LocalizePanel(QGroupBox):
                             + (" (patch level follows)" if refine else ""))
         self.heatmap_updated.emit(result.text, detail)
 
-    def placement(self, grid: ScoreGrid):
-        """(scale, translate) of a grid over the analysed slide layer, in that layer's own world units."""
-        sy, sx = (float(v) for v in self.slide_layer.scale[-2:])
-        scale, translate = grid.placement((sx, sy))
-        offset = np.asarray(self.slide_layer.translate[-2:], dtype=float)
-        return scale, tuple(np.asarray(translate) + offset)
-
     def _paint_heatmap(self, grid: ScoreGrid, text: str) -> None:
-        scale, translate = self.placement(grid)
+        scale, translate = grid_placement(grid, self.slide_layer)
         if HEATMAP in self.viewer.layers:
             layer = self.viewer.layers[HEATMAP]
             # placement first (only when the detail changed: each assignment refreshes the layer), then the data
@@ -266,16 +261,10 @@ class LocalizePanel(QGroupBox):
     # ------------------------------------------------------------------------------------------------------ camera
     def _box_world(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """World (y, x) corners of top box `index`."""
-        x0, y0, x1, y1 = self.result.top_boxes[index, :4]
-        scale = np.asarray(self.slide_layer.scale[-2:], dtype=float)
-        offset = np.asarray(self.slide_layer.translate[-2:], dtype=float)
-        return (np.array([y0, x0]) - 0.5) * scale + offset, (np.array([y1, x1]) - 0.5) * scale + offset
+        return box_world(self.slide_layer, self.result.top_boxes[index, :4])
 
     def zoom_to_box(self, index: int) -> None:
-        low, high = self._box_world(index)
-        camera = self.viewer.scene.camera
-        camera.center = tuple((low + high) / 2)
-        camera.zoom = 0.9 * float(np.min(np.asarray(self.viewer.canvas.size) / (high - low)))
+        zoom_to(self.viewer, self.slide_layer, self.result.top_boxes[index, :4])
 
     def box_at(self, world_yx) -> int | None:
         """Index of the best top box containing a world (y, x) point, or None."""
