@@ -15,8 +15,9 @@ import numpy as np
 
 from .errors import PathflipError
 from .files import atomic_write
-from .heatmap import (ScoreGrid, boxes_geojson, normalise, overlay_png, save_geojson, save_scores_npz,
-                      score_grid)
+from .heatmap import (FindingArea, ScoreGrid, area_annotations, box_annotations, default_threshold, normalise,
+                      overlay_png, save_geojson, save_scores_npz, score_grid)
+from .heatmap import finding_areas as grid_areas
 from .text import query_text
 from .weights import WeightsFolder, default_cache_dir
 
@@ -105,51 +106,87 @@ class SlideAnalysis:
 
 
 def heatmap_grid(encoding, result, patch_level: bool) -> ScoreGrid:
-    """What the heatmap shows for a grounding result: its patch (or region) scores on their grid, normalised to
-    [0, 1] over the slide, 0 where there is no score. The Localize layer and every export use this one grid."""
+    """What the heatmap shows for a grounding result, 0 where there is no score. Calibrated results
+    (result.calibrated: patch probabilities gated by the slide's presence) show the probabilities as they are, so
+    a colour means the same on every slide and an absent finding shows nothing; otherwise the scores only rank and
+    are normalised to [0, 1] over the slide. The Localize layer and every export use this one grid."""
     if patch_level and result.patch_scores is not None:
-        return score_heatmap(encoding, result.patch_scores)
-    return score_heatmap(encoding, result.region_scores, patches=False)
+        return score_heatmap(encoding, result.patch_scores, relative=not result.calibrated)
+    return score_heatmap(encoding, result.region_scores, patches=False, relative=not result.calibrated)
 
 
-def score_heatmap(encoding, scores, patches: bool = True) -> ScoreGrid:
-    """Scores of the encoding's patches (or regions) on their grid, normalised to [0, 1] over the slide, 0 where
-    there is none: how every heatmap of a slide is shown (a query's, a region's similarity)."""
+def shown_patches(result, threshold: float | None = None) -> np.ndarray:
+    """[P] bool: the patches the patch heatmap of `result` paints at `threshold` (None: default_threshold), as
+    heatmap_grid shows them; what the evaluation scores as the displayed area."""
+    threshold = default_threshold(result.calibrated) if threshold is None else threshold
+    scores = np.asarray(result.patch_scores, dtype=np.float32)
+    values = np.clip(scores, 0.0, 1.0) if result.calibrated else normalise(scores)
+    return np.nan_to_num(values, nan=0.0) >= threshold
+
+
+def score_heatmap(encoding, scores, patches: bool = True, relative: bool = True) -> ScoreGrid:
+    """Scores of the encoding's patches (or regions) on their grid, 0 where there is none; `relative`: normalised to
+    [0, 1] over the slide (scores that only rank, a region's similarity), else kept (probabilities)."""
     # the region grid covers every patch, so its far corner bounds the scored part of the slide
     dimensions = int(encoding.region_boxes[:, 2].max()), int(encoding.region_boxes[:, 3].max())
     if patches:
         grid = score_grid(encoding.patch_coords, encoding.patch_size_level0, scores, dimensions)
     else:
         grid = score_grid(encoding.region_boxes[:, :2], encoding.region_size_level0, scores, dimensions)
-    return ScoreGrid(np.nan_to_num(normalise(grid.values), nan=0.0), grid.cell)
+    values = normalise(grid.values) if relative else np.clip(grid.values, 0.0, 1.0)
+    return ScoreGrid(np.nan_to_num(values, nan=0.0), grid.cell)
 
 
-def write_grounding(analysis: SlideAnalysis, result, out: Path, threshold: float = 0.0,
-                    opacity: float = 0.7, patch_level: bool | None = None) -> Path:
+def finding_areas(source, result, threshold: float | None = None, patch_level: bool = True,
+                  top_k: int | None = None) -> list[FindingArea]:
+    """The areas of the heatmap of `result` (heatmap_grid) at or above `threshold` (None: default_threshold of the
+    result), best first; `source`: a SlideAnalysis or its SlideEncoding. Each area's fraction is of the slide's
+    tissue patches (of its regions on a region grid). What `pathflip ground`, the exports and the viewer list."""
+    encoding = source.prepare() if isinstance(source, SlideAnalysis) else source
+    grid = heatmap_grid(encoding, result, patch_level)
+    # heatmap_grid falls back to regions when the result has no patch scores: count the cells the grid has
+    tissue = len(encoding.patch_coords) if grid.cell == encoding.patch_size_level0 else len(encoding.region_boxes)
+    threshold = default_threshold(result.calibrated) if threshold is None else threshold
+    return grid_areas(grid, threshold, tissue, top_k)
+
+
+def write_grounding(analysis: SlideAnalysis, result, out: Path, threshold: float | None = None, opacity: float = 0.7,
+                    patch_level: bool | None = None, regions: bool = False, areas: bool = True) -> Path:
     """The result as a file, by its suffix: .png (the slide's smallest level with the heatmap grid blended on top
-    as the Localize layer shows it at this threshold and opacity), .npz (scores with level-0 coordinates, and the
-    heatmap grid) or .geojson (the top regions). `patch_level`: which grid the heatmap shows (default: patches when
-    the result has them)."""
+    as the Localize layer shows it at this threshold and opacity, and a legend: colour bar, threshold, verdict), .npz
+    (scores with level-0 coordinates, the heatmap grid, threshold, presence and the finding areas) or .geojson
+    (QuPath annotations: the finding areas' outlines when `areas`, the top region boxes when `regions`).
+    `threshold`: None = default_threshold(result.calibrated). `patch_level`: which grid the heatmap shows (default:
+    patches when the result has them)."""
     from .slide import open_slide
 
-    encoding = analysis.encoding
+    encoding = analysis.prepare()
     suffix = out.suffix.lower()
     if suffix not in (".npz", ".geojson", ".json", ".png"):
         raise PathflipError(f"--out {out}: use a .png, .npz or .geojson file name")
     if patch_level is None:
         patch_level = result.patch_scores is not None and np.isfinite(result.patch_scores).any()
+    threshold = default_threshold(result.calibrated) if threshold is None else threshold
     grid = heatmap_grid(encoding, result, patch_level)
+    found = finding_areas(encoding, result, threshold, patch_level)
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
         return save_scores_npz(out, text=np.array(result.text), region_scores=result.region_scores,
                                region_boxes=encoding.region_boxes, patch_scores=result.patch_scores,
                                patch_coords=encoding.patch_coords, patch_size_level0=encoding.patch_size_level0,
                                top_boxes=result.top_boxes, heatmap=grid.values, heatmap_cell=grid.cell,
-                               threshold=threshold)
+                               threshold=threshold, calibrated=result.calibrated,
+                               presence=np.nan if result.presence is None else result.presence,
+                               area_boxes=np.array([a.box for a in found], dtype=np.int64).reshape(-1, 4),
+                               area_probabilities=np.array([a.probability for a in found], dtype=np.float32),
+                               area_fractions=np.array([a.fraction for a in found], dtype=np.float32))
     if suffix in (".geojson", ".json"):
-        return save_geojson(out, boxes_geojson(result.top_boxes[:, :4], result.top_boxes[:, 4], result.text))
+        return save_geojson(out, (area_annotations(found, result.text, result.calibrated) if areas else []) +
+                            (box_annotations(result.top_boxes[:, :4], result.top_boxes[:, 4], result.text)
+                             if regions else []))
     with open_slide(analysis.slide_path, mpp=analysis.mpp) as slide:
         level = len(slide.levels) - 1
         width, height = slide.level_dimensions[level]
         thumbnail = slide.read_region((0, 0), level, (width, height))
-        return overlay_png(out, thumbnail, grid, slide.downsamples[level], opacity, threshold)
+        return overlay_png(out, thumbnail, grid, slide.downsamples[level], opacity, threshold, result.text,
+                           result.calibrated, result.verdict())

@@ -1,12 +1,12 @@
 """Annotations drawn elsewhere (QuPath) and how well a heatmap matches them.
 
 Read: a QuPath GeoJSON export (File > Export objects as GeoJSON: a FeatureCollection, or a bare list of Features) or
-one of our own exports (`heatmap.boxes_geojson`). Polygons and MultiPolygons (QuPath writes rectangles and ellipses
+one of our own exports (`heatmap.area_annotations`, `heatmap.box_annotations`). Polygons and MultiPolygons (QuPath writes rectangles and ellipses
 as polygons) become `Annotation`s with their name, classification (name, colour) and every other property kept;
 points and lines are left out and counted. Coordinates are level-0 pixels (x, y), as QuPath writes them: pixel i
 covers [i, i + 1).
 
-Write: `feature_collection` is the one GeoJSON writer (the heatmap's box export goes through it too): what is read
+Write: `feature_collection` is the one GeoJSON writer (the heatmap's areas and boxes go through it too): what is read
 is written back unchanged, class colours in QuPath 0.3+'s [r, g, b] form.
 
 Score: `mask_for` says which patches lie inside an annotated class (patch centre in a polygon, holes excluded);

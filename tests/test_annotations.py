@@ -19,7 +19,7 @@ from napari_pathflip.annotations import (
     save_geojson,
 )
 from napari_pathflip.errors import PathflipError
-from napari_pathflip.heatmap import boxes_geojson
+from napari_pathflip.heatmap import ScoreGrid, area_annotations, box_annotations, finding_areas
 
 # As QuPath 0.4 writes them: ids, objectType, class colours as [r, g, b] or (0.2) as a packed ARGB integer,
 # measurements, coordinates with decimals, a polygon with a hole, a two-part MultiPolygon, a rectangle, an
@@ -85,11 +85,38 @@ def test_qupath_geojson_reads_and_writes_back_unchanged(qupath_file, tmp_path):
 
 def test_project_box_exports_go_through_the_same_writer_and_read_back():
     boxes = np.array([[0, 0, 4096, 4096], [4096, 0, 8192, 4096]])
-    collection = boxes_geojson(boxes, [0.9, 0.1], "necrosis")
+    collection = feature_collection(box_annotations(boxes, [0.9, 0.1], "necrosis"))
     annotations = read_geojson(collection)
-    assert [a.name for a in annotations] == ["necrosis #1", "necrosis #2"]
+    assert [a.name for a in annotations] == ["necrosis region #1", "necrosis region #2"]
     assert annotations.items[1].properties["measurements"] == {"score": 0.1, "rank": 2}
     assert feature_collection(annotations) == collection
+
+
+def test_finding_areas_with_holes_read_back_and_select_the_patches_they_outline(tmp_path):
+    # a 4x4 block of patches with a hole in the middle (one cell), and a lone patch touching it at a corner
+    values = np.zeros((6, 6), np.float32)
+    values[0:4, 0:4] = 0.8
+    values[1, 1] = 0.1
+    values[4, 4] = 0.6
+    areas = finding_areas(ScoreGrid(values, 256), 0.5, tissue_cells=17)
+    written = save_geojson(tmp_path / "areas.geojson", area_annotations(areas, "necrosis", calibrated=True))
+    (area,) = read_geojson(written)
+    assert area.classification == "necrosis" and area.name == "necrosis area #1" and area.colour is not None
+    assert area.properties["objectType"] == "annotation" and area.properties["pathflip"]["kind"] == "area"
+    assert area.properties["measurements"] == {"probability": pytest.approx(0.8), "mean probability":
+                                               pytest.approx((15 * 0.8 + 0.6) / 16),
+                                               "area fraction of tissue": pytest.approx(16 / 17),
+                                               "area (level-0 px^2)": 16 * 256 ** 2}
+    assert [len(part) for part in sorted(area.polygons, key=len)] == [1, 2]  # the corner patch; the block + hole
+    assert area.bounds == (0, 0, 5 * 256, 5 * 256)
+    # the outline read back selects exactly the cells of the area: the hole and the 0-cells are outside
+    rows, cols = np.mgrid[:6, :6]
+    coords = np.stack([cols.ravel(), rows.ravel()], axis=1) * 256
+    inside = mask_for([area], None, coords, 256).reshape(6, 6)
+    np.testing.assert_array_equal(inside, values >= 0.5)
+    # a map that only ranks names its values scores, not probabilities
+    relative = area_annotations(areas, "necrosis", calibrated=False)[0].properties["measurements"]
+    assert "probability" not in relative and relative["score (relative to the slide)"] == pytest.approx(0.8)
 
 
 def test_files_that_are_not_annotations_are_refused_with_what_to_do(tmp_path):
@@ -276,7 +303,7 @@ def test_evaluate_grounding_reproduces_the_synthetic_patch_auroc(synthetic):
     assert set(annotations.classes()) == set(truth.names)
     for name, mask in zip(truth.names, truth.masks):
         # how training.synth_eval scores the query against the finding's patch mask ...
-        _, _, scores, patch_truth = _grounding_rows(analysis.model, encoding, truth, PHRASES[name], mask)
+        _, _, scores, patch_truth, _ = _grounding_rows(analysis.model, encoding, truth, PHRASES[name], mask)
         expected = metrics.grounding_metrics(patch_scores=[scores], patch_truth=[patch_truth])["patch"]
         # ... and against the mask drawn as polygons, read from GeoJSON
         inside = mask_for(annotations, name, encoding.patch_coords, encoding.patch_size_level0)

@@ -18,6 +18,8 @@ from napari_pathflip.commands import main
     (["extract", "x.svs", "--out", "o", "--min-tissue", "2"], "--min-tissue"),
     (["extract", "x.svs", "--out", "o", "--mpp", "nan"], "--mpp"),
     (["ground", "x.svs", "necrosis", "--out", "o.png", "--top-k", "-1"], "--top-k"),
+    (["ground", "x.svs", "necrosis", "--out", "o.png", "--threshold", "1.5"], "--threshold"),
+    (["ground", "x.svs", "necrosis", "--out", "o.png", "--boxes", "cells"], "--boxes"),
     (["search", "LIB", "necrosis", "--top", "-1"], "--top"),
 ])
 def test_bad_option_values_are_named(argv, option, capsys):

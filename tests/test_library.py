@@ -530,7 +530,7 @@ def test_library_panel_finds_similar_regions_and_opens_a_hit_below_its_heatmap(m
     qtbot.waitUntil(lambda: workspace.localize.result is not None and
                     workspace.localize.analysis is workspace.slide.analysis, timeout=60_000)
     workspace.localize.boxes_list.setCurrentRow(0)
-    expected = tuple(int(v) for v in workspace.localize.result.top_boxes[0, :4])
+    expected = tuple(int(v) for v in workspace.localize.boxes[0])  # the best box shown (a finding area)
     assert panel.query_shape() == expected
 
 

@@ -213,3 +213,19 @@ def test_cli_other_tasks(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", probs=np.ones((2, 2)), labels=np.array([0, 5]))
     with pytest.raises(PathflipError, match="labels must lie"):
         evaluate.main(["zeroshot", "--scores", str(tmp_path / "bad.npz")])
+
+
+def test_displayed_area_and_calibration_hand_checked():
+    from training.metrics import displayed_area_metrics, expected_calibration_error
+
+    truth = [np.array([1, 1, 0, 0], bool), np.array([0, 1, 0, 0], bool)]
+    shown = [np.array([1, 0, 1, 0], bool), np.array([0, 0, 0, 0], bool)]
+    m = displayed_area_metrics(shown, truth)
+    assert m["precision_pooled"] == 0.5  # 1 of the 2 painted patches is the finding
+    assert m["dice_pooled"] == 2 * 1 / (2 + 3)
+    assert m["precision_mean"] == (0.5 + 0.0) / 2 and m["painted_nothing"] == 0.5
+    assert m["dice_mean"] == (2 * 1 / 4 + 0.0) / 2
+    # ECE: two bins; 0.2-bin holds 0.2, 0.2 with outcomes 0, 1 (gap 0.3), 0.9-bin holds 0.9 with outcome 1 (gap 0.1)
+    p, y = np.array([0.2, 0.2, 0.9]), np.array([0, 1, 1])
+    assert np.isclose(expected_calibration_error(p, y, bins=10), (2 * 0.3 + 0.1) / 3)
+    assert expected_calibration_error(np.array([0.0, 1.0]), np.array([0, 1])) == 0.0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathflip.errors import PathflipError
+from napari_pathflip.model.patch_head import calibration_features
 from napari_pathflip.model import (PathFLIP, PathFLIPConfig, SlideEncoding, SlideInput, default_bert_dir,
                                    group_regions, region_sigmoid_loss, slide_contrastive_loss)
 
@@ -424,6 +425,39 @@ def test_patch_head_scores_every_patch_and_keeps_the_attention_path(tokenizer, t
     b = loaded.ground(cached, "necrosis", top_k=3)
     np.testing.assert_allclose(b.patch_scores, result.patch_scores, rtol=1e-6)
     np.testing.assert_allclose(b.region_scores, result.region_scores, rtol=1e-6)
+    assert not result.calibrated and result.presence is not None
+
+    # calibrated weights: each patch's probability is presence x the calibrated map of its features, on every
+    # slide alike (no per-slide normalisation); the presence is PathFLIP.presence's
+    loaded.config.patch_calibration = [20.0, 10.0, 0.5, 5.0, -2.0]
+    calibrated = loaded.ground(cached, "necrosis", top_k=3)
+    assert calibrated.calibrated and calibrated.presence == pytest.approx(
+        loaded.presence(cached, ["necrosis"])["necrosis"], rel=1e-5)
+    with torch.inference_mode():
+        s = loaded.patch_head.embed_text(loaded.encode_text(["necrosis"])[0]) @ cached.patch_embeddings.T
+        features = calibration_features(s.double(), cached.patch_coords // PATCH).numpy()
+    expected = calibrated.presence / (1 + np.exp(-(features @ [20.0, 10.0, 0.5, 5.0] - 2.0)))
+    np.testing.assert_allclose(calibrated.patch_scores, expected, rtol=1e-6)
+    assert calibrated.patch_scores.max() <= calibrated.presence
+    np.testing.assert_array_equal(calibrated.region_scores, b.region_scores)  # regions rank as before
+    with pytest.raises(PathflipError, match="patch_calibration"):
+        PathFLIPConfig(patch_calibration=[1.0, float("nan"), 0.0, 0.0, 0.0])
+    with pytest.raises(PathflipError, match="patch_calibration"):
+        PathFLIPConfig(patch_calibration=[1.0, 0.0, 0.0, 0.0])
+
+
+def test_calibration_features_by_hand():
+    """Cosine, gap to the slide's best, z-score, and the best of the 8 neighbours' gap (no neighbour: the slide's
+    lowest score), on a hand-made patch grid with a hole."""
+    #  grid (column, row): a 3 x 2 block and a lone patch two columns away
+    cells = np.array([[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1], [5, 1]]) + 10  # offsets do not matter
+    s = torch.tensor([[0.1, 0.5, 0.2, 0.3, 0.9, 0.0, 0.8]], dtype=torch.float64)
+    f = calibration_features(s, cells)[0].numpy()
+    np.testing.assert_allclose(f[:, 0], s[0].numpy())
+    np.testing.assert_allclose(f[:, 1], s[0].numpy() - 0.9)
+    np.testing.assert_allclose(f[:, 2], (s[0].numpy() - s.mean().item()) / s.std().item())
+    best_neighbour = np.array([0.9, 0.9, 0.9, 0.9, 0.5, 0.9, 0.0])  # the lone patch has none: the lowest, 0.0
+    np.testing.assert_allclose(f[:, 3], best_neighbour - 0.9)
 
 
 def test_half_precision_save_and_mean_text_pooling(tokenizer, tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from napari_pathflip.weights import WeightsFolder
 from napari_pathflip.model import PathFLIP
+from napari_pathflip.model.config import CALIBRATION_TERMS
 from napari_pathflip.model.patch_head import patch_positions
 from training import patch_head
 from training.data import FeatureSlides, build_synthetic_corpus, slide_name, write_text_files
@@ -62,10 +63,17 @@ def test_training_adds_only_the_head_and_lowers_its_objective(weights, small_spl
                               strict=False)
     assert patch_head._full_loss(untrained, texts, slides, ids, bags, config) > final + 0.01
 
-    # the command line, in place, on a split folder
+    assert model.config.patch_calibration is None  # no patch truth given: the head's scores only rank
+
+    # the command line, in place, on a split folder: its facts.json and truth/ masks give exact labels and a patch
+    # calibration (a logistic map of the patch features, fitted where the finding is present)
     assert patch_head.main(["--weights", str(out), "--split", str(small_split), "--steps", "2",
                             "--synonym-threshold", "1.5"]) == 0
-    assert PathFLIP.from_pretrained(out).patch_head is not None
+    model = PathFLIP.from_pretrained(out)
+    assert model.patch_head is not None and len(model.config.patch_calibration) == CALIBRATION_TERMS
+    slide = slides[ids[0]]
+    result = model.ground(model.encode_slide(slide.features, slide.coords, slide.patch_size_level0), "necrosis")
+    assert result.calibrated and (result.patch_scores <= result.presence + 1e-12).all()
 
 
 def test_shipped_head_grounds_findings_on_new_slides_better_than_attention(tmp_path):

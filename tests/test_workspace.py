@@ -12,6 +12,8 @@ from napari.utils.notifications import notification_manager
 from PIL import Image
 from qtpy.QtCore import QTimer
 
+from napari_pathflip.annotations import mask_for, read_geojson
+from napari_pathflip.analysis import finding_areas
 from napari_pathflip.heatmap import ScoreGrid, overlay_png
 from napari_pathflip.slide import open_slide
 from napari_pathflip.viewer.localize import BOXES, HEATMAP
@@ -73,10 +75,15 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
     timer = QTimer(interval=20)
     timer.timeout.connect(lambda: ticks.append(1))
     timer.start()
+    steps, lines = [], []  # Analyze's steps, and its status line at each extraction count
+    workspace.slide._stepped.connect(steps.append)
+    workspace.slide._progressed.connect(lambda done, total: lines.append(workspace.slide.status.text()))
     _open_and_analyze(viewer, workspace, qtbot)
     timer.stop()
     status = workspace.slide.status.text()
     assert "extracted now" in status and "regions" in status and "device: cpu" in status
+    assert steps == [0, 1] and "step 3 of 4: extracting patch features, 0 / " in lines[0]
+    assert "step 4 of 4: encoding the slide" in lines[-1]
     # the GUI thread kept serving the timer while extraction and encoding ran in the worker
     assert len(ticks) >= 20
 
@@ -91,22 +98,31 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
     for r, c in [(0, 0), (5, 17), (cells - 1, cells - 1)]:
         centre = (r * PATCH + (PATCH - 1) / 2, c * PATCH + (PATCH - 1) / 2)
         np.testing.assert_allclose(heat.data_to_world((r, c)), slide.data_to_world(centre))
+    # random weights: scores that only rank, shown relative to the slide's range from the default 0.2 up
+    assert not localize.result.calibrated and localize.result.presence is None
     assert 0 <= np.nanmin(heat.data) and np.nanmax(heat.data) == pytest.approx(1.0)
-    assert heat.colormap.map(np.array([0.0]))[0, 3] == 0  # the low end is transparent
+    assert localize.threshold_label.text() == "0.20" and localize.legend.title == "relative score"
+    assert tuple(heat.contrast_limits) == (0.0, 1.0) and heat.colormap.map(np.array([0.19]))[0, 3] == 0
+    assert "ranked only" in localize.status.text() and "grounded in" in localize.status.text()
+    # the boxes are the finding areas of the heatmap as shown (analysis.finding_areas at the threshold)
+    areas = finding_areas(localize.analysis, localize.result, 0.2, True, localize.top_k.value())
+    assert localize.box_kind.currentText() == "areas" and [a.box for a in localize.areas] == [a.box for a in areas]
+    assert viewer.layers[BOXES].nshapes == localize.boxes_list.count() == len(areas) > 0
 
+    localize.box_kind.setCurrentText("regions")
     boxes = viewer.layers[BOXES]
     # top 5 asked; the 8,192-px demo slide has 2 x 2 regions of 4,096 px, so every region gets its box
     side = DEMO_SIZE // REGION
     assert localize.top_k.value() == 5 and side * side == 4
     assert boxes.nshapes == side * side and localize.boxes_list.count() == side * side
-    assert list(boxes.features["rank"]) == [1, 2, 3, 4]
-    assert "#1" in boxes.text.values[0]
+    scores = localize.result.top_boxes[:, 4]
+    assert list(boxes.text.values) == [f"#{rank} {score:.3f}" for rank, score in enumerate(scores, 1)]
     x0, y0, x1, y1 = localize.result.top_boxes[0, :4]
     np.testing.assert_allclose(boxes.data_to_world(boxes.data[0].min(0)), slide.data_to_world((y0 - 0.5, x0 - 0.5)))
 
     localize.threshold.setValue(50)
     localize.opacity.setValue(40)
-    assert tuple(heat.contrast_limits) == pytest.approx((0.5, 1.0)) and heat.opacity == pytest.approx(0.4)
+    assert heat.colormap.map(np.array([0.49]))[0, 3] == 0 and heat.opacity == pytest.approx(0.4)
 
     # clicking a box in the list zooms the camera onto it
     localize.boxes_list.setCurrentRow(1)
@@ -125,6 +141,7 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
     assert tuple(heat.translate) == pytest.approx(((REGION - 1) / 2 * MPP,) * 2)
     _type(qtbot, localize, "fat lobules")
     np.testing.assert_array_equal(pinned.data, frozen)  # a pin does not follow the query
+    localize.box_kind.setCurrentText("areas")  # the exports hold the areas shown
 
     written = {}
     for suffix in (".geojson", ".npz", ".png"):
@@ -132,9 +149,13 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
             localize.export(suffix, tmp_path / f"out{suffix}")
         written[suffix] = Path(done.args[0])
     collection = json.loads(written[".geojson"].read_text())
-    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == side * side
-    ring = collection["features"][0]["geometry"]["coordinates"][0]
-    assert ring[0] == ring[-1] and collection["features"][0]["properties"]["classification"]["name"] == "fat lobules"
+    assert collection["type"] == "FeatureCollection" and collection["features"]
+    assert {f["properties"]["classification"]["name"] for f in collection["features"]} == {"fat lobules"}
+    assert {f["properties"]["pathflip"]["kind"] for f in collection["features"]} == {"area"}
+    # the finding areas outline exactly the cells the layer shows at the panel's threshold
+    regions = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="xy"), -1).reshape(-1, 2) * REGION
+    outlined = mask_for(read_geojson(written[".geojson"]), None, regions, REGION).reshape(side, side)
+    np.testing.assert_array_equal(outlined, heat.data >= 0.5)
     with np.load(written[".npz"], allow_pickle=False) as scores:
         assert scores["patch_coords"].shape == (len(scores["patch_scores"]), 2)
         assert scores["region_boxes"].shape == (side * side, 4) and np.isclose(scores["region_scores"].sum(), 1, atol=1e-4)
@@ -149,7 +170,9 @@ def test_analyze_type_a_finding_pin_and_export(viewer, weights, cache, qtbot, tm
         downsample = demo.downsamples[level]
     expected = Image.open(overlay_png(tmp_path / "expected.png", thumbnail, ScoreGrid(heat.data, REGION),
                                       downsample, opacity=0.4, threshold=0.5))
-    np.testing.assert_array_equal(png, np.asarray(expected))
+    # the PNG's thumbnail part (a legend follows below it) is exactly the blend of the layer's grid
+    png = png[:thumbnail.shape[0], :thumbnail.shape[1]]
+    np.testing.assert_array_equal(png, np.asarray(expected)[:thumbnail.shape[0], :thumbnail.shape[1]])
     rows = np.minimum(np.arange(png.shape[0]) * downsample // REGION, side - 1).astype(int)
     cols = np.minimum(np.arange(png.shape[1]) * downsample // REGION, side - 1).astype(int)
     shown = heat.data[rows[:, None], cols[None, :]] > 0.5
@@ -164,7 +187,7 @@ def test_box_click_on_canvas_zooms_unless_already_inside(viewer, weights, cache,
     _type(qtbot, localize, "tumour")
     viewer.reset_view()
     slide = viewer.layers[DEMO]
-    x0, y0, x1, y1 = localize.result.top_boxes[0, :4]
+    x0, y0, x1, y1 = localize.boxes[0]  # the best finding area
     inside = np.asarray(slide.data_to_world(((y0 + y1) / 2, x0 + 10)))
 
     class Click:  # what napari hands a drag callback: a press, then a release without moves
@@ -321,3 +344,96 @@ def test_necrosis_heatmap_peak_lies_on_the_true_region(viewer, cache, qtbot):
     cy, cx = np.asarray(viewer.layers[DEMO].world_to_data(heat.data_to_world((row, col))))
     assert x <= cx < x + w and y <= cy < y + h, f"peak at level-0 ({cx:.0f}, {cy:.0f}), necrosis bbox {necrosis.bbox}"
     assert necrosis.mask[row, col] or necrosis.mask[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2].any()
+
+
+def _calibrated(monkeypatch, presence: float) -> None:
+    """Grounding results made calibrated, as weights with a calibrated patch-text head give them (the shipped ones
+    are not yet): patch probabilities = the slide's `presence` times the real patch scores rescaled to [0, 1]; the
+    region level stays uncalibrated, as in the model."""
+    from napari_pathflip.analysis import SlideAnalysis
+    from napari_pathflip.heatmap import normalise
+
+    ground = SlideAnalysis.ground
+
+    def calibrated(self, text, top_k=5, patch_level=True):
+        result = ground(self, text, top_k=top_k, patch_level=patch_level)
+        result.presence = presence
+        if result.patch_scores is not None:
+            result.patch_scores = presence * np.nan_to_num(normalise(result.patch_scores))
+            result.calibrated = True
+        return result
+
+    monkeypatch.setattr(SlideAnalysis, "ground", calibrated)
+
+
+def test_not_found_says_so_and_paints_nothing(viewer, weights, cache, qtbot, monkeypatch):
+    _calibrated(monkeypatch, presence=0.03)
+    workspace = _workspace(viewer, weights, cache)
+    _open_and_analyze(viewer, workspace, qtbot)
+    localize = workspace.localize
+    _type(qtbot, localize, "necrosis")
+    assert localize.result.calibrated and localize.result.status == "not found"
+    assert "not found on this slide: p = 0.03" in localize.status.text() and "grounded in" in localize.status.text()
+    heat = viewer.layers[HEATMAP]
+    # the gated probabilities are all below the calibrated default threshold: no colour anywhere, no area
+    assert localize.threshold_value == 0.5 and 0 < heat.data.max() <= 0.03
+    assert heat.colormap.map(heat.data.ravel())[:, 3].max() == 0
+    assert localize.areas == [] and viewer.layers[BOXES].nshapes == 0 and localize.boxes_list.count() == 0
+    assert "no area at p" in localize.status.text()
+
+
+def test_calibrated_colour_scale_legend_and_areas_follow_the_threshold(viewer, weights, cache, qtbot, monkeypatch):
+    from napari_pathflip.heatmap import heat_rgba
+    from napari_pathflip.viewer.localize import area_label
+
+    _calibrated(monkeypatch, presence=0.95)
+    workspace = _workspace(viewer, weights, cache)
+    _open_and_analyze(viewer, workspace, qtbot)
+    localize, slide = workspace.localize, viewer.layers[DEMO]
+    _type(qtbot, localize, "necrosis")
+    heat, boxes = viewer.layers[HEATMAP], viewer.layers[BOXES]
+    assert "found: p = 0.95" in localize.status.text()
+    # probabilities shown as they are (not stretched to the slide's range), from the calibrated default 0.5 up
+    assert heat.data.max() == pytest.approx(0.95) and localize.threshold_label.text() == "0.50"
+    assert localize.legend.title == "P(patch shows the finding)" and localize.legend.isVisible()
+    pinned = localize.pin()
+
+    def check_scale(threshold: float) -> None:
+        """The layer's colours at `threshold`: transparent below it, heat_rgba (fixed in [0, 1]) from it up."""
+        samples = np.linspace(0, 1, 256)
+        below = samples < threshold
+        colours = heat.colormap.map(samples)
+        assert tuple(heat.contrast_limits) == (0.0, 1.0) and (colours[below, 3] == 0).all()
+        np.testing.assert_allclose(colours[~below], heat_rgba(samples[~below], threshold) / 255, atol=1e-6)
+        ramp = localize.legend.ramp(100)  # the legend: white below the threshold, the heat colours above it
+        assert localize.legend.threshold == threshold and (ramp[: int(threshold * 100) - 1] == 255).all()
+        assert (ramp[int(threshold * 100) + 1:] < 255).any(axis=1).all()
+
+    def check_areas(threshold: float) -> list:
+        """The boxes shown are analysis.finding_areas of the heatmap at `threshold`, labelled on the canvas."""
+        expected = finding_areas(localize.analysis, localize.result, threshold, True, localize.top_k.value())
+        assert [a.box for a in localize.areas] == [a.box for a in expected] and expected
+        np.testing.assert_array_equal(localize.boxes, [a.box for a in expected])
+        assert boxes.nshapes == localize.boxes_list.count() == len(expected)
+        assert list(boxes.text.values) == [area_label(i, a, True) for i, a in enumerate(expected, 1)]
+        assert boxes.text.values[0].startswith("#1 p ") and "% of tissue" in boxes.text.values[0]
+        x0, y0 = expected[0].box[:2]
+        np.testing.assert_allclose(boxes.data_to_world(boxes.data[0].min(0)), slide.data_to_world((y0 - 0.5, x0 - 0.5)))
+        return expected
+
+    check_scale(0.5)
+    at_half = check_areas(0.5)
+    localize.threshold.setValue(30)
+    assert localize.threshold_label.text() == "0.30"
+    check_scale(0.3)
+    qtbot.waitUntil(lambda: [a.box for a in localize.areas] != [a.box for a in at_half], timeout=5000)
+    check_areas(0.3)
+    assert pinned.colormap.name == "pathflip heat 0.50" != heat.colormap.name  # a pin keeps its colours
+    # the list follows the boxes shown: regions, and a click in the list zooms to that region
+    localize.box_kind.setCurrentText("regions")
+    np.testing.assert_array_equal(localize.boxes, localize.result.top_boxes[:, :4])
+    assert boxes.nshapes == localize.boxes_list.count() == len(localize.result.top_boxes)
+    localize.boxes_list.setCurrentRow(1)
+    x0, y0, x1, y1 = localize.result.top_boxes[1, :4]
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:],
+                               slide.data_to_world(((y0 + y1) / 2 - 0.5, (x0 + x1) / 2 - 0.5)))

@@ -148,7 +148,7 @@ def run_demo(out: str | Path, work: str | Path, plan: DemoPlan = DemoPlan(), dev
     # in place: the head is added, every other tensor is written back unchanged (float16 -> float16)
     train_patch_head(pathflip, [corpus / "train" / "features"], [corpus / "train" / "captions.csv"],
                      config=PatchHeadConfig(steps=plan.patch_head_steps, device=device),
-                     facts=[corpus / "train" / "facts.json"], log=log)
+                     facts=[corpus / "train" / "facts.json"], truth=[corpus / "train" / "truth"], log=log)
     stage("patch_head")
 
     cfg = instruct.load_config(

@@ -210,3 +210,39 @@ def grounding_metrics(region_scores: Sequence[np.ndarray] | None = None,
                                          [np.asarray(t, dtype=bool).ravel() for t in truth])
     return result
 
+
+
+# ----------------------------------------------------------------------------------------------- what is displayed
+
+
+def displayed_area_metrics(shown: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> dict:
+    """Precision and Dice of the area a heatmap paints (`shown`: the patches at or above its threshold) against
+    the finding's patches, one boolean array per query on a slide that has the finding. "pooled": over every
+    query's patches together; "mean": the mean of the per-query figures (a query that paints nothing has
+    precision 0)."""
+    shown = [np.asarray(s, dtype=bool).ravel() for s in shown]
+    truth = [np.asarray(t, dtype=bool).ravel() for t in truth]
+    if not shown:
+        return {"n_queries": 0}
+    tp = np.array([(s & t).sum() for s, t in zip(shown, truth)], dtype=np.float64)
+    painted = np.array([s.sum() for s in shown], dtype=np.float64)
+    real = np.array([t.sum() for t in truth], dtype=np.float64)
+    return {"n_queries": len(shown),
+            "precision_pooled": float(tp.sum() / max(painted.sum(), 1)),
+            "dice_pooled": float(2 * tp.sum() / max(painted.sum() + real.sum(), 1)),
+            "precision_mean": float(np.mean(tp / np.maximum(painted, 1))),
+            "dice_mean": float(np.mean(2 * tp / np.maximum(painted + real, 1))),
+            "painted_nothing": float(np.mean(painted == 0))}
+
+
+def expected_calibration_error(probability: np.ndarray, outcome: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: the mean |accuracy - confidence| over `bins` equal-width probability bins,
+    weighted by their share of the items."""
+    p = np.asarray(probability, dtype=np.float64).ravel()
+    y = np.asarray(outcome, dtype=np.float64).ravel()
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError("expected_calibration_error needs matching, non-empty probabilities and outcomes")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, p, bins) - np.bincount(which, y, bins))
+    return float(gap.sum() / p.size) if count.any() else 0.0

@@ -30,6 +30,21 @@ inside its mask. A threshold of 0.55 masks more and leaves "fibrous stroma" inve
 every caption (stroma in the synthetic corpus) has no negatives and is not learned this way. A within-slide
 competition term meant to supply them (each of a slide's caption sentences must win a softmax over its sentences on
 some patches) made it worse: patch AUROC 0.87 -> 0.61-0.81, stroma 0.41 -> 0.19-0.28; not kept.
+
+What the heatmap shows (issue "heatmaps a pathologist can trust"): calibrated patch probabilities (calibrate_patches,
+stored as config.patch_calibration) times the slide's presence probability, on a fixed scale, painted at p >= 0.5.
+Measured on 40 held-out training slides (head trained on the other 208 of the full corpus, 1500 steps; phrases,
+held-out paraphrases, and "calcification", "mitotic figures", "granuloma" asked of every slide):
+- calibration alone on the previous head: findings the corpus never shows were called absent for 0.50-1.00 of the
+  queries (granuloma 0.50) and painted up to 6 % of the tissue (mitotic figures);
+- + NEVER_SHOWN (a background class of other pathology terms, absent from every slide): never-shown findings not
+  found 0.975, 0.04 % painted; but paraphrases were called absent on 44-77 % of the slides that show them (Dice
+  0.35-0.86) and patch ECE was 0.076;
+- + SYNONYMS (a finding's other words): not found 1.00 and nothing painted; phrases precision >= 0.78, Dice >= 0.85;
+  paraphrases Dice >= 0.755; ECE 0.023. Kept (both).
+Tried and not kept: a neighbourhood-mean feature in the calibration (lymphocyte precision 0.75 -> 0.82 and tumour
+0.72 -> 0.77, but necrosis 0.98 -> 0.90 and lymphocyte paraphrase Dice 0.69 -> 0.56); a presence refit on the text's
+score against a reference bank of training patches (granuloma and mitotic figures called absent on 0.47-0.50).
 """
 
 from __future__ import annotations
@@ -138,6 +153,34 @@ def bag_loss(head, texts: torch.Tensor, slides, bags: list[list[int]], synonym_t
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum") / weight.sum()
 
 
+# Findings that no synthetic slide shows, scored as absent from every slide of a batch (corpora with facts.json): a
+# background class for the text side, so that a pathology term the corpus never names does not light whatever it
+# happens to lie near. Disjoint from what the evaluation asks (training.synth_eval.ABSENT_FINDINGS, the held-out
+# paraphrases; tests/test_synth_eval.py checks) and from the corpus's own findings and their synonyms.
+NEVER_SHOWN = ("keratin pearls", "amyloid deposits", "haemorrhage", "mucin pools", "nerve bundles", "cartilage",
+               "bone trabeculae", "hemosiderin-laden macrophages", "multinucleated giant cells", "vascular invasion",
+               "squamous epithelium", "skeletal muscle", "hair follicles", "foreign body material",
+               "cholesterol clefts", "signet ring cells", "perineural invasion", "ulceration", "bacterial colonies",
+               "fungal hyphae", "asteroid bodies", "urothelium", "thyroid follicles", "hepatocytes")
+NEVER = "never shown"  # the fact no slide has
+# Other words a pathologist uses for the corpus's findings, beside the names its captions give them
+# (training.synthetic.FINDING_NAMES), so that the text side learns a finding's vocabulary rather than its
+# templates. Disjoint from the evaluation's held-out wordings (training.synth_eval.PARAPHRASES) and their near
+# copies, including the forms phrase_variants makes (tests/test_synth_eval.py checks).
+SYNONYMS = {"tumour": ("tumour cells", "malignant cells", "carcinoma cells", "invasive carcinoma", "neoplasm",
+                       "malignant tumour", "tumour tissue", "atypical cells"),
+            "necrosis": ("necrotic material", "coagulative necrosis", "comedonecrosis", "cell death",
+                         "karyorrhectic debris", "necrotic centre", "geographic necrosis"),
+            "lymphocytes": ("lymphocytic inflammation", "chronic inflammation", "inflammatory cells",
+                            "tumour-infiltrating lymphocytes", "mononuclear cells", "lymphoid tissue", "T cells"),
+            "fat": ("adipose cells", "fat vacuoles", "lipocytes", "adipose lobules", "fatty infiltration",
+                    "white fat"),
+            "normal glands": ("benign glandular epithelium", "normal acini", "normal ducts", "non-malignant glands",
+                              "benign ducts", "glandular structures"),
+            "stroma": ("fibrosis", "collagen", "fibroblasts", "stromal tissue", "fibrocollagenous tissue",
+                       "dense collagen")}
+
+
 @dataclass
 class Facts:
     """What each vocabulary text asserts (None: unknown) and what is true of each slide of a batch; `phrases`: the
@@ -166,6 +209,8 @@ class Facts:
             phrases.update(data.get("phrases", {}))
         if not sentences or not all(i in slides for i in ids):
             return None, vocab
+        phrases.update({name: [NEVER] for name in NEVER_SHOWN})
+        phrases.update({word: [fact] for fact, words in SYNONYMS.items() for word in words})
         variants = {v: facts for p, facts in phrases.items() for v in phrase_variants(p) if v not in phrases}
         extra = [p for p in sorted(phrases) if p not in vocab]
         more = [v for v in sorted(variants) if v not in vocab and v not in phrases]
@@ -252,13 +297,63 @@ def calibrate_presence(model, slides, ids, bags, texts, config: PatchHeadConfig,
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
+# the synthetic truth's finding masks (truth/<slide>.npz "finding_names") that show each fact of facts.json
+TRUTH_OF_FACT = {"tumour": "tumour", "necrosis": "necrosis", "lymphocytes": "lymphocytes",
+                 "lymphoid aggregate": "lymphocytes", "stroma": "stroma", "fat": "fat",
+                 "normal glands": "normal_glands"}
+
+
+@torch.no_grad()
+def calibrate_patches(model, slides, ids, texts, facts: Facts, truth_dirs, max_slides: int = 128,
+                      log=print) -> list[float] | None:
+    """config.patch_calibration: logistic regression of "this patch shows the text" on the patch's
+    calibration_features (model/patch_head.py), over the patches of (up to max_slides) training slides that have a
+    truth file in `truth_dirs`, for every finding phrase (and other wordings) the slide shows. Fitted where the
+    text is present: `ground` multiplies it by the slide's presence probability. None without patch truth."""
+    from sklearn.linear_model import LogisticRegression
+
+    from napari_pathflip.model.patch_head import calibration_features
+    from training.synth_eval import Truth
+
+    files = {f.stem: f for d in truth_dirs for f in Path(d).glob("*.npz")}
+    chosen = [b for b, i in enumerate(ids) if i in files][:max_slides]
+    single = [t for t in facts.phrases
+              if len(facts.sentences[t]) == 1 and next(iter(facts.sentences[t])) in TRUTH_OF_FACT]
+    if not chosen or not single:
+        return None
+    head = model.patch_head
+    queries = head.embed_text(texts[single])
+    x, y = [], []
+    for b in chosen:
+        slide, truth = slides[ids[b]], Truth.load(files[ids[b]])
+        encoding = model.encode_slide(slide.features, slide.coords, slide.patch_size_level0, keep_features=False)
+        cells = encoding.patch_coords // truth.patch_size
+        masks = {}
+        for name, mask in zip(truth.names, truth.masks):
+            masks[name] = masks.get(name, False) | mask[cells[:, 1], cells[:, 0]]
+        similarity = queries @ encoding.patch_embeddings.to(queries.device).T
+        features = calibration_features(similarity, encoding.patch_coords // encoding.patch_size_level0)  # [T, P, 4]
+        for row, t in enumerate(single):
+            shown = masks.get(TRUTH_OF_FACT[next(iter(facts.sentences[t]))])
+            if shown is not None and facts.true(t, b):
+                x.append(features[row].double().cpu().numpy())
+                y.append(shown)
+    if not x:
+        return None
+    x, y = np.concatenate(x), np.concatenate(y)
+    fit = LogisticRegression(C=10.0, max_iter=1000).fit(x, y)
+    log(f"patch-head: patch calibration from {len(y)} patches of {len(chosen)} slides ({y.mean():.1%} positive)")
+    return [*map(float, fit.coef_[0]), float(fit.intercept_[0])]
+
+
 def train_patch_head(weights: str | Path, features, captions, out: str | Path | None = None,
-                     config: PatchHeadConfig | None = None, *, facts=(), encoder_id: str | None = None,
+                     config: PatchHeadConfig | None = None, *, facts=(), truth=(), encoder_id: str | None = None,
                      patch_size_level0: int | None = None, log=print) -> Path:
     """Add a trained patch-text head to the PathFLIP weights in `weights`; writes `out` (default: in place).
 
     features: feature folders (as for alignment); captions: caption sources (SlideBench CSV, LLaVA JSON);
-    facts: facts.json files of synthetic splits (exact labels, see bag_loss), optional."""
+    facts: facts.json files of synthetic splits (exact labels, see bag_loss), optional; truth: their truth/
+    folders (patch labels: calibrated patch probabilities, see calibrate_patches), optional."""
     from napari_pathflip.model import PathFLIP
     from training.align import feature_statistics, live_dimensions
     from training.data import FeatureSlides
@@ -296,6 +391,8 @@ def train_patch_head(weights: str | Path, features, captions, out: str | Path | 
     log(f"patch-head: presence calibration scale {model.config.presence_scale:.3f} bias "
         f"{model.config.presence_bias:.3f} (threshold: evidence "
         f"{-model.config.presence_bias / model.config.presence_scale:.2f})")
+    model.config.patch_calibration = calibrate_patches(model, slides, ids, texts, known, truth, log=log) \
+        if known is not None and truth else None
 
     if out != weights:
         shutil.copytree(weights, out, dirs_exist_ok=True)
@@ -320,15 +417,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else int,
                                 default=value)
     args = parser.parse_args(argv)
-    facts = []
+    facts, truth = [], []
     if args.split:
         args.features.append(str(Path(args.split) / "features"))
         args.captions.append(str(Path(args.split) / "captions.csv"))
         facts = [p for p in [Path(args.split) / "facts.json"] if p.is_file()]
+        truth = [p for p in [Path(args.split) / "truth"] if p.is_dir()]
     if not args.features or not args.captions:
         parser.error("give --split, or --features and --captions")
     config = PatchHeadConfig(**{k: getattr(args, k) for k in asdict(defaults) if k != "cache_features"})
     out = train_patch_head(args.weights, args.features, args.captions, args.out, config, facts=facts,
-                           encoder_id=args.encoder_id, patch_size_level0=args.patch_size_level0)
+                           truth=truth, encoder_id=args.encoder_id, patch_size_level0=args.patch_size_level0)
     print(f"patch-head: wrote {out}")
     return 0

@@ -50,6 +50,11 @@ ZERO_SHOT = {
 }
 
 
+# findings that no synthetic slide shows (and that training never names: training.patch_head.NEVER_SHOWN is
+# disjoint): asked of every test slide, they must paint nothing and be reported as not found
+ABSENT_FINDINGS = ("calcification", "mitotic figures", "granuloma")
+
+
 @dataclass
 class Truth:
     """Findings of one synthetic slide on its patch grid (cell = `patch_size` level-0 pixels)."""
@@ -87,18 +92,66 @@ def load_split(split_dir: str | Path):
     return ids, captions, feats, truths
 
 
+def _patch_truth(encoding, truth: Truth, mask: np.ndarray) -> np.ndarray:
+    """[P] bool: the encoding's patches inside a finding mask of the truth's patch grid."""
+    cells = encoding.patch_coords // truth.patch_size
+    inside = (cells[:, 1] < mask.shape[0]) & (cells[:, 0] < mask.shape[1])
+    patch_truth = np.zeros(len(cells), bool)
+    patch_truth[inside] = mask[cells[inside, 1], cells[inside, 0]]
+    return patch_truth
+
+
 def _grounding_rows(model, encoding, truth: Truth, text: str, mask: np.ndarray, method: str = "auto"):
-    """Region and patch scores of one query with their truth (region: >= min overlap of the mask)."""
+    """Region and patch scores of one query with their truth (region: >= min overlap of the mask), and the
+    result."""
     result = model.ground(encoding, text, top_k=1, patch_level=True, explain_regions=encoding.num_regions,
                           method=method)
     boxes = encoding.region_boxes.astype(np.float64)
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     region_truth = metrics.box_mask_fraction(mask, truth.patch_size, xywh) >= metrics.GroundingConfig().region_min_overlap
-    cells = encoding.patch_coords // truth.patch_size
-    inside = (cells[:, 1] < mask.shape[0]) & (cells[:, 0] < mask.shape[1])
-    patch_truth = np.zeros(len(cells), bool)
-    patch_truth[inside] = mask[cells[inside, 1], cells[inside, 0]]
-    return result.region_scores, region_truth, result.patch_scores, patch_truth
+    return result.region_scores, region_truth, result.patch_scores, _patch_truth(encoding, truth, mask), result
+
+
+def displayed_metrics(model, encodings, truths) -> dict:
+    """What a person sees at the default threshold (analysis.shown_patches), per finding and query kind: precision
+    and Dice of the painted area (phrases and held-out paraphrases); for findings a slide does not show (the
+    other synthetic findings' phrases, and ABSENT_FINDINGS on every slide) the fraction of the tissue painted and
+    how often the result says "not found"; and the expected calibration error of the patch probabilities over
+    every query's patches."""
+    from napari_pathflip.analysis import shown_patches
+
+    present = {f"{kind}:{name}": ([], []) for kind in ("phrase", "paraphrase") for name in PHRASES}
+    absent = {"other_finding": [], "never_shown": []}
+    probability, outcome = [], []
+    for encoding, truth in zip(encodings, truths):
+        masks = {}
+        for name, mask in zip(truth.names, truth.masks):
+            masks[name] = masks.get(name, False) | _patch_truth(encoding, truth, mask)
+        asked = [(name, kind, text) for name in PHRASES for kind, texts in
+                 (("phrase", [PHRASES[name]]), ("paraphrase", PARAPHRASES[name])) for text in texts]
+        asked += [(None, "never_shown", text) for text in ABSENT_FINDINGS]
+        for name, kind, text in asked:
+            result = model.ground(encoding, text, top_k=1, patch_level=True)
+            shown = shown_patches(result)
+            real = masks.get(name, np.zeros(len(shown), bool))
+            probability.append(np.nan_to_num(result.patch_scores, nan=0.0))
+            outcome.append(real)
+            if name in masks:
+                present[f"{kind}:{name}"][0].append(shown)
+                present[f"{kind}:{name}"][1].append(real)
+            elif kind != "paraphrase":
+                absent["other_finding" if name else "never_shown"].append(
+                    {"painted": float(shown.mean()), "not_found": result.status == "not found"})
+    out = {"calibrated": bool(model.config.patch_calibration is not None and model.patch_head is not None),
+           "area": {key: metrics.displayed_area_metrics(*rows) for key, rows in present.items()},
+           "absent": {key: {"n_queries": len(rows),
+                            "painted_mean": float(np.mean([r["painted"] for r in rows])) if rows else None,
+                            "painted_at_most_2pct": float(np.mean([r["painted"] <= 0.02 for r in rows]))
+                            if rows else None,
+                            "not_found": float(np.mean([r["not_found"] for r in rows])) if rows else None}
+                      for key, rows in absent.items()},
+           "ece": metrics.expected_calibration_error(np.concatenate(probability), np.concatenate(outcome))}
+    return out
 
 
 def evaluate_alignment(weights: str | Path, split_dir: str | Path, device: str = "cpu",
@@ -145,10 +198,11 @@ def evaluate_alignment(weights: str | Path, split_dir: str | Path, device: str =
             for encoding, truth in zip(encodings, truths):
                 for name, sentence, mask in zip(truth.names, truth.sentences, truth.masks):
                     for text in texts_of(name, sentence):
-                        r, rt, p, pt = _grounding_rows(model, encoding, truth, text, mask, method)
+                        r, rt, p, pt, _ = _grounding_rows(model, encoding, truth, text, mask, method)
                         for key, value in zip(rows, (r, rt, p, pt)):
                             rows[key].append(value)
             out[f"grounding_{kind}{suffix}"] = metrics.grounding_metrics(**rows)
+    out["displayed"] = displayed_metrics(model, encodings, truths)
     return out
 
 
@@ -166,6 +220,16 @@ def summary(result: dict) -> dict:
                 line[f"region_auroc_{kind}{suffix}"] = g["region"]["auroc_mean"]
                 line[f"patch_pointing_{kind}{suffix}"] = g["patch"]["pointing_game"]
                 line[f"patch_auroc_{kind}{suffix}"] = g["patch"]["auroc_mean"]
+    shown = result.get("displayed")
+    if shown:
+        for kind in ("phrase", "paraphrase"):
+            areas = [a for key, a in shown["area"].items() if key.startswith(kind + ":") and a["n_queries"]]
+            line[f"displayed_precision_min_{kind}"] = min(a["precision_pooled"] for a in areas)
+            line[f"displayed_dice_min_{kind}"] = min(a["dice_pooled"] for a in areas)
+        for key, a in shown["absent"].items():
+            line[f"absent_{key}_painted"] = a["painted_mean"]
+            line[f"absent_{key}_not_found"] = a["not_found"]
+        line["patch_ece"] = shown["ece"]
     for task, z in result.get("zero_shot", {}).items():
         line[f"zero_shot_{task}_accuracy"] = z["accuracy"]
         line[f"zero_shot_{task}_auroc"] = z["auc_macro"]

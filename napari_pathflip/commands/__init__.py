@@ -3,6 +3,7 @@
     extract             extract.py    patch features of slides into a feature store
     ground, classify    analysis.py   one slide: where is a finding, zero-shot classes (classify LIBRARY: library.py)
     chat, caption       chat.py       ask about a slide, describe it (streamed)
+    report              report.py     one slide's findings: present or absent, where, how large, their boxes
     index, search       library.py    a slide library: index a cohort, search it, classify every slide
     evaluate-grounding  annotations.py  a query's heatmap scored against QuPath annotations
     verify              verify.py     is a weights folder, chat folder or library whole?
@@ -26,6 +27,7 @@ COMMANDS = {
                "rank a library's slides by a text, by a slide (--like) or by a region (--region)"),
     "chat": ("chat:chat_main", "ask a question about a slide (streamed answer)"),
     "caption": ("chat:caption_main", "describe a slide (streamed)"),
+    "report": ("report:report_main", "each finding of a slide: present or absent, where, how large, its boxes"),
     "evaluate-grounding": ("annotations:evaluate_grounding_main",
                            "score a query's heatmap against annotated areas (QuPath GeoJSON): AUROC, pointing game"),
     "verify": ("verify:verify_main", "check weights folders and slide libraries for damage (sha256, checksums)"),

@@ -12,6 +12,9 @@ from ..errors import PathflipError
 ETA_MODES = ("linear", "exp")
 
 
+CALIBRATION_TERMS = 5  # patch_calibration: a weight per model/patch_head.calibration_features column, and a bias
+
+
 @dataclass
 class PathFLIPConfig:
     # --- BERT part (Q-Former and text encoder share it); defaults = all-MiniLM-L6-v2 sizes
@@ -89,6 +92,10 @@ class PathFLIPConfig:
     # training split (`python -m training calibrate`); presence >= 0.5 is the stored threshold
     presence_scale: float = 1.0
     presence_bias: float = 0.0
+    # Patch probabilities (model/patch_head.calibrated_logits): the weights of the logistic map over
+    # calibration_features (cosine, gap to the best patch, z-score, best neighbour's gap) and its bias, fitted on
+    # patch labels of training slides; None = the head's patch scores only rank (shown relative to the slide)
+    patch_calibration: list[float] | None = None
     # Ranking slides against a description (retrieval): the mean evidence of its sentences plus this weight times
     # the slide-embedding cosine / zero_shot_temperature (the paper's global score; with no head it is all there is)
     retrieval_global_weight: float = 1.0
@@ -116,6 +123,11 @@ class PathFLIPConfig:
             raise PathflipError("embed_dim must divide by mixer_heads")
         if self.evidence_regions < 1:
             raise PathflipError(f"evidence_regions must be at least 1, got {self.evidence_regions}")
+        if self.patch_calibration is not None and (
+                len(self.patch_calibration) != CALIBRATION_TERMS
+                or not all(math.isfinite(float(v)) for v in self.patch_calibration)):
+            raise PathflipError(f"patch_calibration must be {CALIBRATION_TERMS} finite numbers (4 weights, a bias), "
+                                f"got {self.patch_calibration!r}: calibrate again with `python -m training patch-head`")
 
     @classmethod
     def paper(cls, **overrides) -> "PathFLIPConfig":

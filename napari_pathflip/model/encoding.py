@@ -63,6 +63,10 @@ class SlideEncoding:
         return cls(**tensors, **a, patch_size_level0=int(sizes[0]), region_size_level0=int(sizes[1]))
 
 
+# presence probability below which a text is "not found" on a slide, and below which it is "uncertain"
+PRESENCE_BANDS = {"not found": 0.5, "uncertain": 0.8}
+
+
 @dataclass
 class GroundingResult:
     """Scores of one text on one slide. method "attention": region_scores are the head-averaged eq. 5 attention of
@@ -77,3 +81,24 @@ class GroundingResult:
     patch_scores: np.ndarray | None = None  # [P] aligned with encoding.patch_coords
     explained_regions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     method: str = "attention"
+    # P(the slide shows the text) (PathFLIP.presence; weights with a patch-text head), None without one
+    presence: float | None = None
+    # True when patch_scores are calibrated probabilities that each patch shows the text (weights whose head was
+    # calibrated on patch labels, gated by `presence`): the heatmap shows them as they are, on a fixed scale.
+    # False: scores only rank (the paper's attention, uncalibrated heads), shown relative to the slide's range.
+    calibrated: bool = False
+
+    @property
+    def status(self) -> str:
+        """"found", "uncertain" or "not found" from `presence` (PRESENCE_BANDS); "found" when there is none."""
+        if self.presence is None or self.presence >= PRESENCE_BANDS["uncertain"]:
+            return "found"
+        return "uncertain" if self.presence >= PRESENCE_BANDS["not found"] else "not found"
+
+    def verdict(self) -> str:
+        """What a person reads about the text on this slide, e.g. "not found on this slide: p = 0.03"."""
+        if self.presence is None:
+            return "ranked only (these weights give no presence probability)"
+        words = {"found": "found", "uncertain": "uncertain", "not found": "not found on this slide"}[self.status]
+        return f"{words}: p = {self.presence:.2f}"
+

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PathflipError
 from .encoding import GroundingResult, SlideEncoding
+from .patch_head import calibrated_logits
 from .qformer import PatchGroup
 from .regions import region_positions
 
@@ -60,16 +61,27 @@ class GroundingMixin:
     @torch.inference_mode()
     def _ground_with_head(self, encoding: SlideEncoding, text: str, t: torch.Tensor, top_k: int,
                           patch_level: bool) -> GroundingResult:
-        head = self.patch_head
+        head, cfg = self.patch_head, self.config
         similarity = encoding.patch_embeddings.to(self.device) @ head.embed_text(t.to(self.device))  # [P]
         index = torch.from_numpy(encoding.region_index).to(self.device)
         pooled = head.pooled(similarity[index.clamp(min=0)], index >= 0)
         # float64 probabilities: in float32 sigmoid rounds confident scores to exactly 1 and ties the top items
-        probability = lambda logits: torch.sigmoid(logits.double()).cpu().numpy()  # noqa: E731
-        result = _ranked(encoding, text, probability(head.logits(pooled)), top_k)
+        region_logits = head.logits(pooled).double()
+        result = _ranked(encoding, text, torch.sigmoid(region_logits).cpu().numpy(), top_k)
         result.method = "patch_head"
+        # presence as PathFLIP.presence computes it: the mean of the best evidence_regions region logits, calibrated
+        evidence = region_logits.topk(min(cfg.evidence_regions, len(region_logits))).values.mean()
+        presence = torch.sigmoid(cfg.presence_scale * evidence + cfg.presence_bias)
+        result.presence = float(presence)
         if patch_level:
-            result.patch_scores = probability(head.logits(similarity))
+            if cfg.patch_calibration is not None:
+                # P(patch shows the text) = P(slide shows it) * P(patch shows it | slide shows it)
+                cells = encoding.patch_coords // encoding.patch_size_level0
+                scores = presence * torch.sigmoid(calibrated_logits(similarity, cells, cfg.patch_calibration))
+                result.calibrated = True
+            else:
+                scores = torch.sigmoid(head.logits(similarity).double())
+            result.patch_scores = scores.cpu().numpy()
             result.explained_regions = np.arange(encoding.num_regions)
         return result
 

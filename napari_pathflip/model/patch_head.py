@@ -10,6 +10,14 @@ Training (training/patch_head.py) treats each slide as a bag of patches: the sli
 must be high when the sentence is in the slide's caption and low otherwise, so only patches that show the finding
 can carry it. Everything else in PathFLIP stays frozen: slide and region embeddings, and with them the chat's
 visual tokens, do not change.
+
+Patch probabilities: the pooled logits are calibrated for slides and regions, not for single patches (a patch's
+own logit is 0 or 1 almost everywhere). `calibration_features` describe each patch's score against the rest of
+the slide (its cosine, its gap to the slide's best patch, its z-score over the slide's patches, its best neighbour's
+gap) and a logistic map
+fitted on patch labels of training slides where the text is present (config.patch_calibration,
+training/patch_head.calibrate_patches) turns them into P(this patch shows the text | the slide shows it); `ground`
+multiplies that by the slide's presence probability.
 """
 
 from __future__ import annotations
@@ -79,3 +87,29 @@ class PatchTextHead(nn.Module):
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled * self.logit_scale.exp() + self.logit_bias
+
+
+def calibration_features(similarity: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
+    """[..., P] patch cosines of one text over a slide, and the patches' (column, row) on the patch grid [P, 2] ->
+    [..., P, 4]: the cosine, its gap to the slide's best patch, its z-score over the slide's patches, and the gap of
+    its best neighbour (8-neighbourhood) to the slide's best patch: a lone patch that looks like the finding among
+    patches that do not is mostly noise, a patch of a band or a nest has neighbours that agree (what
+    config.patch_calibration weighs)."""
+    best = similarity.max(-1, keepdim=True).values
+    mean, std = similarity.mean(-1, keepdim=True), similarity.std(-1, keepdim=True).clamp(min=1e-6)
+    cells = torch.as_tensor(np.asarray(cells, dtype=np.int64), device=similarity.device)
+    cells = cells - cells.min(0).values
+    rows, cols = int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1
+    low = similarity.min(-1, keepdim=True).values
+    grid = low[..., None].expand(*similarity.shape[:-1], rows + 2, cols + 2).clone()  # a border of the lowest score
+    grid[..., cells[:, 1] + 1, cells[:, 0] + 1] = similarity
+    neighbours = torch.stack([grid[..., cells[:, 1] + 1 + dy, cells[:, 0] + 1 + dx]
+                              for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]).amax(0)
+    return torch.stack([similarity, similarity - best, (similarity - mean) / std, neighbours - best], -1)
+
+
+def calibrated_logits(similarity: torch.Tensor, cells: np.ndarray, coefficients) -> torch.Tensor:
+    """Logits of P(patch shows the text | the slide shows it): coefficients (one weight per calibration_features
+    column, then the bias)."""
+    w = torch.as_tensor(coefficients, dtype=torch.float64, device=similarity.device)
+    return calibration_features(similarity.double(), cells) @ w[:-1] + w[-1]

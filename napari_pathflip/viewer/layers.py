@@ -12,6 +12,8 @@ from ..errors import PathflipError
 from ..heatmap import ScoreGrid
 from ..slide import Slide
 
+VISPY_METRIC_GLYPHS = "ÅÉÑŐjgpqy"  # vispy's TextVisual lays out every text against these
+
 
 class _TileErrorNotifier:
     """Shows a damaged-tile error as a napari notification, at most once every `interval` seconds per slide."""
@@ -72,3 +74,17 @@ def zoom_to(viewer, layer, box) -> None:
     camera.center = tuple((low + high) / 2)
     camera.zoom = 0.9 * float(np.min(np.asarray(viewer.canvas.size) / (high - low)))
 
+
+def glyph_loaders(viewer, text: str) -> list:
+    """One callable per character of `text` (and of the characters vispy measures every text against); each renders
+    that character into the font the canvas draws layer text with. vispy renders a glyph's distance field in Python
+    the first time a character is drawn (5-15 ms each), so a layer's first labels would stall the GUI thread for all
+    their characters at once; called one per event-loop turn beforehand, they cost nothing noticeable. Empty when
+    the viewer has no canvas (a headless ViewerModel) or napari keeps its canvas elsewhere (napari has no public way
+    to it: this reaches it through the viewer a plugin's proxy wraps)."""
+    try:
+        info = getattr(viewer, "__wrapped__", viewer).window._qt_viewer.canvas.font_info()
+        font = info.font_manager.get_font(info.face)  # the regular face napari's Text visuals use
+    except AttributeError:
+        return []
+    return [lambda char=char: font[char] for char in dict.fromkeys(text + VISPY_METRIC_GLYPHS)]

@@ -322,10 +322,7 @@ class LibraryPanel(QGroupBox):
                     (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
                     return (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
                 return [tuple(v) for v in xy.tolist()]
-        localize = self.localize
-        if localize is not None and localize.result is not None and localize.boxes_list.currentRow() >= 0:
-            return tuple(int(v) for v in localize.result.top_boxes[localize.boxes_list.currentRow(), :4])
-        return None
+        return self.localize.selected_box() if self.localize is not None else None
 
     def _show_results(self, payload, seq: int) -> None:
         query, hits, thumbnails, *region = payload

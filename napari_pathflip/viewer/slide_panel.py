@@ -1,28 +1,37 @@
 """The slide panel: which slide is analysed, with which weights/encoder/device, and the Analyze step.
 
 Analyze = `SlideAnalysis.prepare` (patch features, then the slide encoding, both cached on disk) in a napari
-thread_worker, with napari progress and Cancel; `analysis_changed` carries the ready SlideAnalysis (or None when the
-analysed slide layer goes away) to Localize and the chat dock.
+thread_worker, with napari progress and Cancel, its steps and their counts in the status line; `analysis_changed`
+carries the ready SlideAnalysis (or None when the analysed slide layer goes away) to Localize and the chat dock.
+The weights load ahead of Analyze: the model's code is imported in a background thread when the panel is made, and
+as soon as a slide is open (and again when the weights folder or device changes) that thread loads the PathFLIP and
+runs its text tower once, so that Analyze usually finds it ready.
 """
 
 from __future__ import annotations
 
 import html
+import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                             QPushButton, QVBoxLayout)
 
-from ..analysis import SlideAnalysis
+from ..analysis import SlideAnalysis, load_model
 from ..encoders import ENCODER_HELP
 from ..errors import PathflipError
-from ..weights import DEVICES, WeightsFolder, default_cache_dir, resolve_device
+from ..weights import DEVICES, WeightsFolder, default_cache_dir
 from .fields import FolderField
 from .progress import TaskProgress
-from .tasks import notify_error, run_in_background
+from .tasks import ahead_of_need, notify_error, run_in_background
 
+# what Analyze does, in order; the status line says which step runs ("step 2 of 4") with its count and time
+ANALYZE_STEPS = ("loading the weights", "finding the tissue", "extracting patch features", "encoding the slide")
+PRELOAD_DELAY_MS = 500  # the weights load once the folder field has rested this long (not on every keystroke)
+WARM_UP_TEXT = "tissue"  # run through the text tower once after loading: its first call pays for lazy set-up
 
 
 def slide_info(layer) -> dict | None:
@@ -42,10 +51,42 @@ def describe_slide(name: str, info: dict) -> str:
             f"({info['native_levels']} in the file{reader})<br>mpp: {mpp}<br>objective: {power}")
 
 
-def _analyse(slide_path, weights, cache_dir, encoder, device, progress, cancel) -> SlideAnalysis:
-    """Worker body: load the weights, move the model to the device, extract + encode (or read both caches)."""
-    analysis = SlideAnalysis(slide_path, weights, cache_dir, encoder or None, device)
-    analysis.model.to(resolve_device(device))
+def _import_model() -> None:
+    """Background body when the panel is made: the model's code, with transformers (1-2 s of imports that hold the
+    interpreter lock, so the GUI thread stutters while they run), before any slide is open; a preload then only
+    reads weights."""
+    from .. import model  # noqa: F401
+
+
+def _load_model(weights: str | None, device: str):
+    """Preload body: the weights' PathFLIP on `device`, its text tower run once."""
+    import torch
+
+    model = load_model(WeightsFolder.resolve(weights), device=device)
+    with torch.no_grad():
+        model.encode_text([WARM_UP_TEXT])
+    return model
+
+
+def _weights_key(weights: str | None, device: str) -> tuple:
+    """What a loaded model stands for: the folder, the device and the version of each file in the folder (weights
+    written again in place load again)."""
+    folder = WeightsFolder.resolve(weights).path
+    try:
+        files = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                             if e.is_file()))
+    except OSError:
+        files = ()
+    return str(folder.resolve()), device, files
+
+
+def _analyse(slide_path, weights, cache_dir, encoder, device, model: Future, step, progress, cancel) -> SlideAnalysis:
+    """Worker body: wait for the weights' model (`model`, loading in the preload thread or loaded), then extract +
+    encode (or read both caches). `step(i)` says that ANALYZE_STEPS[i] begins; extraction counts go to `progress`,
+    and its last count (all patches) begins the encoding."""
+    step(0)
+    analysis = SlideAnalysis(slide_path, weights, cache_dir, encoder or None, device, model=model.result())
+    step(1)
     analysis.prepare(progress=progress, cancel=cancel)
     return analysis
 
@@ -55,6 +96,7 @@ class SlidePanel(QGroupBox):
 
     analysis_changed = Signal(object)
     _progressed = Signal(int, int)
+    _stepped = Signal(int)
 
     def __init__(self, viewer, parent=None):
         super().__init__("Slide", parent)
@@ -64,6 +106,12 @@ class SlidePanel(QGroupBox):
         self.cache_dir: Path = default_cache_dir()
         self.worker = None
         self._extracted_now = False
+        self._model: tuple[tuple, Future] | None = None  # (key, the model loading or loaded for it)
+        self._step: tuple[int, str, float] | None = None  # Analyze's step now: (index, count, started)
+        self._step_clock = QTimer(self, interval=500)  # the step's time in the status line
+        self._step_clock.timeout.connect(self._show_step)
+        self._preload_timer = QTimer(self, singleShot=True, interval=PRELOAD_DELAY_MS)
+        self._preload_timer.timeout.connect(self.preload)
 
         self.open_demo = QPushButton("Open demo slide")
         self.open_demo.setToolTip("The synthetic demo slide bundled with the plugin (also in File > Open Sample)")
@@ -78,10 +126,12 @@ class SlidePanel(QGroupBox):
         self.weights_edit = weights_field.edit
         self.weights_edit.setToolTip("PathFLIP weights folder (config.json + model.safetensors)")
         self.weights_edit.textChanged.connect(self._update_encoder_hint)
+        self.weights_edit.textChanged.connect(self._preload_timer.start)
         self.encoder_edit = QLineEdit()
         self.encoder_edit.setToolTip("Patch encoder; empty = the one recorded with the weights.\n" + ENCODER_HELP)
         self.device_box = QComboBox()
         self.device_box.addItems(DEVICES)
+        self.device_box.currentIndexChanged.connect(self._preload_timer.start)
         self.analyze_button = QPushButton("Analyze")
         self.analyze_button.setToolTip("Extract patch features and encode the slide (cached: instant next time)")
         self.analyze_button.clicked.connect(self.analyze)
@@ -106,12 +156,14 @@ class SlidePanel(QGroupBox):
         layout.addWidget(self.status)
 
         self._progressed.connect(self._show_progress)
+        self._stepped.connect(self._begin_step)
         self.layer_box.currentIndexChanged.connect(self._show_layer)
         viewer.layers.events.inserted.connect(self._refresh_layers)
         viewer.layers.events.removed.connect(self._layer_removed)
         viewer.layers.events.renamed.connect(self._refresh_layers)
         viewer.layers.selection.events.active.connect(self._follow_selection)
         self._update_encoder_hint()
+        ahead_of_need(_import_model)
         self._refresh_layers()
         self._set_status()
 
@@ -155,6 +207,8 @@ class SlidePanel(QGroupBox):
         self.info.setText(describe_slide(layer.name, slide_info(layer)) if layer else
                           "No slide open. Open one (File &gt; Open) or the demo slide.")
         self._set_status()
+        if layer is not None:
+            self._preload_timer.start()
 
     def load_demo(self) -> None:
         try:
@@ -170,6 +224,20 @@ class SlidePanel(QGroupBox):
             name = f"unreadable ({exc})"
         self.encoder_edit.setPlaceholderText(f"from the weights: {name}")
 
+    def preload(self) -> Future | None:
+        """The model of the weights and device chosen, loading in the background (started now unless it is loaded,
+        loading, or its load failed for an unchanged folder); None when no slide is open (nothing to analyse yet).
+        Analyze waits for it; a failed load raises there, as a notification."""
+        self._preload_timer.stop()
+        if self.current_layer is None:
+            return None
+        weights, device = self.weights_edit.text() or None, self.device_box.currentText()
+        key = _weights_key(weights, device)
+        if self._model is None or self._model[0] != key or (
+                self._model[1].done() and self._model[1].exception() is not None):
+            self._model = key, ahead_of_need(_load_model, weights, device)
+        return self._model[1]
+
     # ------------------------------------------------------------------------------------------------------ analyze
     @property
     def running(self) -> bool:
@@ -184,30 +252,56 @@ class SlidePanel(QGroupBox):
             return
         if self.running:
             return
+        model = self.preload()
         cancel = self.progress.start(0, f"PathFLIP: analysing {layer.name}")
         self._extracted_now = False
         self._started = time.perf_counter()
-        self.status.setText(f"Analysing <b>{layer.name}</b>: loading the weights...")
+        self._begin_step(0)
+        self._step_clock.start()
 
         def report(done: int, total: int) -> None:  # extraction thread; the signal queues it to the GUI thread
             self._progressed.emit(done, total)
 
         self.worker = run_in_background(
             _analyse, slide_info(layer)["path"], self.weights_edit.text() or None, self.cache_dir,
-            self.encoder_edit.text().strip(), self.device_box.currentText(), report, cancel,
-            on_done=lambda analysis, layer=layer: self._ready(analysis, layer), on_error=self._failed,
+            self.encoder_edit.text().strip(), self.device_box.currentText(), model, self._stepped.emit, report,
+            cancel, on_done=lambda analysis, layer=layer: self._ready(analysis, layer), on_error=self._failed,
             on_finished=self._finished)
 
     def cancel(self) -> None:
         self.progress.cancel()
 
+    def _begin_step(self, index: int, count: str = "") -> None:
+        if index == 0 and self._model is not None:
+            key, model = self._model
+            count = ("loaded in the background" if model.done() else
+                     f"{sum(size for _, size, _ in key[2]) / 2**20:.0f} MB")
+        if self._step is None or self._step[0] != index:
+            self._step = index, count, time.perf_counter()
+        else:
+            self._step = index, count, self._step[2]
+        self._show_step()
+
+    def _show_step(self) -> None:
+        if self._step is None or not self.running:
+            return
+        index, count, started = self._step
+        layer = self.current_layer
+        self.status.setText(f"Analysing <b>{html.escape(layer.name if layer else '')}</b>, step {index + 1} of "
+                            f"{len(ANALYZE_STEPS)}: {ANALYZE_STEPS[index]}{', ' + count if count else ''}, "
+                            f"{time.perf_counter() - started:.0f} s...")
+
     def _show_progress(self, done: int, total: int) -> None:
         if done < total:
             self._extracted_now = True
         self.progress.update(done, total)
-        self.status.setText(f"Extracting patch features: {done} / {total} patches...")
+        if done < total:
+            self._begin_step(2, f"{done} / {total} patches")
+        else:  # the features are complete (extracted or from the cache): the slide's encoding follows
+            self._begin_step(3, f"{total} patches")
 
     def _ready(self, analysis: SlideAnalysis, layer) -> None:
+        self._step = None
         if layer not in self.viewer.layers:  # the slide was closed while it was being analysed
             return
         self.analysis, self.analysed_layer = analysis, layer
@@ -225,11 +319,14 @@ class SlidePanel(QGroupBox):
         self.analysis_changed.emit(analysis)
 
     def _failed(self, exc: BaseException) -> None:
+        self._step = None
         notify_error(exc)
         self.status.setText(f"Analysis stopped: {exc}")
 
     def _finished(self) -> None:
         self.worker = None
+        self._step = None
+        self._step_clock.stop()
         self.progress.finish()
 
     def _set_status(self, seconds: float | None = None) -> None:

@@ -4,6 +4,8 @@
 delivered, so a burst of keystrokes costs one or two model calls and a slow old query never paints over a new one.
 `run_in_background` wraps napari's thread_worker for one-off jobs (analysis, classification, export, loading the chat
 model) and for generators whose values stream to the GUI (a chat answer).
+`ahead_of_need` runs work that is only worth having before someone asks (a model loading before Analyze, imports a
+panel will need) in one background thread.
 `user_message` turns any failure into a notification text that says what to do.
 """
 
@@ -13,7 +15,7 @@ import functools
 import inspect
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from qtpy.QtCore import QObject, Signal
 
@@ -25,6 +27,13 @@ log = logging.getLogger(__name__)
 # One PathFLIP model is shared by grounding, classification and export threads; its patch attribution toggles
 # autograd, so calls into it are serialised.
 MODEL_LOCK = threading.RLock()
+# one job at a time: work done ahead of need never competes with itself for the cores
+_AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathflip-ahead")
+
+
+def ahead_of_need(fn, *args) -> Future:
+    """`fn(*args)` in the background thread for work done ahead of need (after the jobs queued before it)."""
+    return _AHEAD.submit(fn, *args)
 
 
 class LatestRunner(QObject):

@@ -3,7 +3,10 @@
 It holds the slide panel (which slide, weights, encoder, device, Analyze) above Localize (type a finding, see the
 heatmap), and brings up the chat and library docks beside itself: napari opens only the first manifest widget, so
 the workspace adds the rest. One SlideAnalysis, made by the slide panel (or opened from the library), feeds both
-Localize and the chat.
+Localize and the chat. The chat dock gets a new analysis once Localize has shown a heatmap and then nothing new
+for CHAT_AFTER_MS, or at once when its tab is shown: loading the chat model imports and reads for seconds, and doing
+that while the first query is typed stalled the viewer (the loading thread takes the interpreter lock and the cores
+the GUI thread needs).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .localize import LocalizePanel
 from .slide_panel import SlidePanel
 
 CHAT_DOCK = "PathFLIP chat"
+CHAT_AFTER_MS = 2000
 LIBRARY_DOCK = "PathFLIP library"
 
 
@@ -45,7 +49,11 @@ class Workspace(QWidget):
         QVBoxLayout(self).addWidget(scroll)
         self.layout().setContentsMargins(0, 0, 0, 0)
 
+        self._chat_pending = False  # the chat dock has yet to get the analysed slide (see _give_chat)
+        self._chat_timer = QTimer(self, singleShot=True, interval=CHAT_AFTER_MS)
+        self._chat_timer.timeout.connect(self._give_chat)
         self.slide.analysis_changed.connect(self._analysis_changed)
+        self.localize.heatmap_updated.connect(self._chat_timer.start)
         self.library.opened.connect(self._library_opened)
         # napari docks this widget only after constructing it: add the chat and the library once the workspace's
         # own dock exists, so that they can join it as tabs
@@ -60,7 +68,9 @@ class Workspace(QWidget):
             own_dock = own_dock.parentWidget()
         # tabs beside the workspace: each gets the full height of the right-hand side
         for name, widget in ((CHAT_DOCK, self.chat), (LIBRARY_DOCK, self.library)):
-            window.add_dock_widget(widget, name=name, area="right", tabify=True)
+            dock = window.add_dock_widget(widget, name=name, area="right", tabify=True)
+            if widget is self.chat:
+                dock.visibilityChanged.connect(lambda shown: shown and self._give_chat())
         if own_dock is not None:
             # the workspace tab in front (analysing comes first), once Qt has built the tab bar
             QTimer.singleShot(0, own_dock.raise_)
@@ -71,7 +81,7 @@ class Workspace(QWidget):
             def zoom(text: str, detail: str) -> None:
                 if text == query:
                     self.localize.heatmap_updated.disconnect(zoom)
-                    self.localize.zoom_to_box(0)  # Localize's top box: the hit's best region
+                    self.localize.zoom_to_region(0)  # the hit's best region
 
             self.localize.heatmap_updated.connect(zoom)
             self.localize.query.setText(query)
@@ -79,6 +89,15 @@ class Workspace(QWidget):
 
     def _analysis_changed(self, analysis) -> None:
         self.localize.set_analysis(analysis, self.slide.analysed_layer)
-        self.chat.set_analysis(analysis)
         # the library shares the loaded model when the weights are the same, and takes region queries over the layer
         self.library.set_analysis(analysis, self.slide.analysed_layer)
+        self._chat_pending = True
+        # shown now (isVisible() is True for a tab behind others too)
+        if analysis is None or not self.chat.visibleRegion().isEmpty():
+            self._give_chat()
+
+    def _give_chat(self, *args) -> None:
+        """The chat dock gets the analysed slide when it has yet to (its model loads then)."""
+        if self._chat_pending:
+            self._chat_pending = False
+            self.chat.set_analysis(self.slide.analysis)
