@@ -106,22 +106,30 @@ class SlideAnalysis:
 
 
 def heatmap_grid(encoding, result, patch_level: bool) -> ScoreGrid:
-    """What the heatmap shows for a grounding result, 0 where there is no score. Calibrated results
-    (result.calibrated: patch probabilities gated by the slide's presence) show the probabilities as they are, so
-    a colour means the same on every slide and an absent finding shows nothing; otherwise the scores only rank and
-    are normalised to [0, 1] over the slide. The Localize layer and every export use this one grid."""
-    if patch_level and result.patch_scores is not None:
-        return score_heatmap(encoding, result.patch_scores, relative=not result.calibrated)
-    return score_heatmap(encoding, result.region_scores, patches=False, relative=not result.calibrated)
+    """What the heatmap shows for a grounding result, 0 where there is no score. A text the slide does not show
+    ("not found") shows nothing at any detail. Calibrated results show probabilities as they are, so a colour means
+    the same on every slide: the patch probabilities (gated by the slide's presence), or each region's probability
+    times the presence; otherwise the scores only rank and are normalised to [0, 1] over the slide. The Localize
+    layer, every export and the evaluation (shown_patches) use this rule."""
+    patches = patch_level and result.patch_scores is not None
+    scores = result.patch_scores if patches else result.region_scores
+    if result.status == "not found":  # zeros, not rescaled to the slide's (empty) range
+        return score_heatmap(encoding, np.zeros_like(scores), patches=patches, relative=False)
+    if result.calibrated and not patches:
+        scores = scores * result.presence
+    return score_heatmap(encoding, scores, patches=patches, relative=not result.calibrated)
 
 
 def shown_patches(result, threshold: float | None = None) -> np.ndarray:
-    """[P] bool: the patches the patch heatmap of `result` paints at `threshold` (None: default_threshold), as
-    heatmap_grid shows them; what the evaluation scores as the displayed area."""
+    """[P] bool: the patches the patch heatmap of `result` paints at `threshold` (None: default_threshold), by
+    heatmap_grid's rule (and heatmap.finding_areas': a value of 0 is never painted); what the evaluation scores as
+    the displayed area."""
     threshold = default_threshold(result.calibrated) if threshold is None else threshold
     scores = np.asarray(result.patch_scores, dtype=np.float32)
-    values = np.clip(scores, 0.0, 1.0) if result.calibrated else normalise(scores)
-    return np.nan_to_num(values, nan=0.0) >= threshold
+    if result.status == "not found":
+        return np.zeros(len(scores), bool)
+    values = np.nan_to_num(np.clip(scores, 0.0, 1.0) if result.calibrated else normalise(scores), nan=0.0)
+    return (values >= threshold) & (values > 0)
 
 
 def score_heatmap(encoding, scores, patches: bool = True, relative: bool = True) -> ScoreGrid:

@@ -36,7 +36,7 @@ class FindingEvidence:
     name: str
     query: str  # the text grounded
     presence: float | None  # P(the slide shows it); None with weights that give none
-    status: str  # "found", "uncertain" or "not found" (encoding.PRESENCE_BANDS)
+    status: str  # "found", "uncertain", "not found" (encoding.PRESENCE_BANDS) or "ranked only" (no presence)
     calibrated: bool  # box values are probabilities (else scores relative to the slide)
     place: str | None = None  # AREA_NAMES entry of the best area's probability-weighted centroid
     places: dict[str, float] = field(default_factory=dict)  # AREA_NAMES its areas cover -> share of them, largest first

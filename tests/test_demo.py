@@ -24,7 +24,8 @@ HEADLINE = ("retrieval_text_to_slide_R@1", "retrieval_slide_to_text_R@1", "regio
             "vqa_accuracy", "vqa_accuracy_generate", "vqa_where_accuracy", "caption_bleu_4", "caption_rouge_l",
             "caption_place_recall", "displayed_precision_min_phrase", "displayed_dice_min_phrase",
             "displayed_precision_min_paraphrase", "displayed_dice_min_paraphrase", "absent_other_finding_painted",
-            "absent_other_finding_not_found", "absent_never_shown_painted", "absent_never_shown_not_found", "patch_ece")
+            "absent_other_finding_not_found", "absent_never_shown_painted", "absent_never_shown_not_found", "patch_ece",
+            "patch_ece_present")
 # Floors checked on the first 8 test slides (test_shipped_weights_meet_the_floors_on_eight_test_slides): issue 16's
 # floor where the shipped weights reach it on the 64-slide split, else a floor under what they reach on these 8
 # (value on the 8 in the comment). Random weights fail the retrieval, grounding and chat lines. Left out: tumour
@@ -40,12 +41,13 @@ FLOORS = {"retrieval_text_to_slide_R@1": 0.60, "retrieval_slide_to_text_R@1": 0.
           "vqa_accuracy_generate": 0.40,  # 0.47 here, 0.52 on the 64 (issue: 0.80)
           "caption_bleu_4": 0.30,  # 0.35 here, 0.43 on the 64 (issue: 0.50)
           # what the heatmap shows at the default threshold (issue 22)
-          "displayed_precision_min_phrase": 0.80,  # 0.82 here
-          "displayed_dice_min_phrase": 0.75,  # 0.86 here
-          "absent_other_finding_not_found": 0.95,  # 1.00 here
-          "absent_never_shown_not_found": 0.90}  # 0.92 here (22 of 24 queries)
+          "displayed_precision_min_phrase": 0.80,  # 0.82 here (lymphocytes; 0.77 on the 64)
+          "displayed_dice_min_phrase": 0.75,  # 0.87 here
+          "absent_other_finding_not_found": 0.95,  # 0.95 here, 0.97 on the 64
+          "absent_never_shown_not_found": 0.90}  # 0.96 here (23 of 24 queries)
 # ... and figures that must stay low: patch probability calibration error, the tissue painted for absent findings
-CEILINGS = {"patch_ece": 0.05, "absent_other_finding_painted": 0.02, "absent_never_shown_painted": 0.02}
+CEILINGS = {"patch_ece": 0.05, "patch_ece_present": 0.05, "absent_other_finding_painted": 0.02,
+            "absent_never_shown_painted": 0.02}
 
 
 def test_quick_demo_writes_loadable_weights_chat_and_metrics(tmp_path):

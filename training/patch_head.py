@@ -41,7 +41,10 @@ held-out paraphrases, and "calcification", "mitotic figures", "granuloma" asked 
   found 0.975, 0.04 % painted; but paraphrases were called absent on 44-77 % of the slides that show them (Dice
   0.35-0.86) and patch ECE was 0.076;
 - + SYNONYMS (a finding's other words): not found 1.00 and nothing painted; phrases precision >= 0.78, Dice >= 0.85;
-  paraphrases Dice >= 0.755; ECE 0.023. Kept (both).
+  paraphrases Dice >= 0.755; ECE 0.023. Kept (both). A review then found two of those synonyms inside held-out
+  wordings ("tumour cells" -> "tumor cells" in "a nest of tumor cells", "collagen" in "collagen fibres") and a few
+  sharing words with them: they were replaced (the list below; tests/test_synth_eval.py checks) before the shipped
+  head was trained, so the README's test-split figures hold the evaluation's wordings out.
 Tried and not kept: a neighbourhood-mean feature in the calibration (lymphocyte precision 0.75 -> 0.82 and tumour
 0.72 -> 0.77, but necrosis 0.98 -> 0.90 and lymphocyte paraphrase Dice 0.69 -> 0.56); a presence refit on the text's
 score against a reference bank of training patches (granuloma and mitotic figures called absent on 0.47-0.50).
@@ -167,18 +170,15 @@ NEVER = "never shown"  # the fact no slide has
 # (training.synthetic.FINDING_NAMES), so that the text side learns a finding's vocabulary rather than its
 # templates. Disjoint from the evaluation's held-out wordings (training.synth_eval.PARAPHRASES) and their near
 # copies, including the forms phrase_variants makes (tests/test_synth_eval.py checks).
-SYNONYMS = {"tumour": ("tumour cells", "malignant cells", "carcinoma cells", "invasive carcinoma", "neoplasm",
-                       "malignant tumour", "tumour tissue", "atypical cells"),
+SYNONYMS = {"tumour": ("carcinoma cells", "invasive carcinoma", "neoplasm", "tumour mass", "solid tumour",
+                       "tumour tissue", "atypical cells"),
             "necrosis": ("necrotic material", "coagulative necrosis", "comedonecrosis", "cell death",
                          "karyorrhectic debris", "necrotic centre", "geographic necrosis"),
             "lymphocytes": ("lymphocytic inflammation", "chronic inflammation", "inflammatory cells",
                             "tumour-infiltrating lymphocytes", "mononuclear cells", "lymphoid tissue", "T cells"),
-            "fat": ("adipose cells", "fat vacuoles", "lipocytes", "adipose lobules", "fatty infiltration",
-                    "white fat"),
-            "normal glands": ("benign glandular epithelium", "normal acini", "normal ducts", "non-malignant glands",
-                              "benign ducts", "glandular structures"),
-            "stroma": ("fibrosis", "collagen", "fibroblasts", "stromal tissue", "fibrocollagenous tissue",
-                       "dense collagen")}
+            "fat": ("fat vacuoles", "lipocytes", "adipose lobules", "fatty infiltration", "white fat"),
+            "normal glands": ("benign glandular epithelium", "normal acini", "normal ducts", "benign ducts"),
+            "stroma": ("fibrosis", "fibroblasts", "stromal tissue", "fibrocollagenous tissue", "scar tissue")}
 
 
 @dataclass
@@ -313,7 +313,7 @@ def calibrate_patches(model, slides, ids, texts, facts: Facts, truth_dirs, max_s
     from sklearn.linear_model import LogisticRegression
 
     from napari_pathflip.model.patch_head import calibration_features
-    from training.synth_eval import Truth
+    from training.synth_eval import Truth, patch_truth
 
     files = {f.stem: f for d in truth_dirs for f in Path(d).glob("*.npz")}
     chosen = [b for b, i in enumerate(ids) if i in files][:max_slides]
@@ -327,10 +327,9 @@ def calibrate_patches(model, slides, ids, texts, facts: Facts, truth_dirs, max_s
     for b in chosen:
         slide, truth = slides[ids[b]], Truth.load(files[ids[b]])
         encoding = model.encode_slide(slide.features, slide.coords, slide.patch_size_level0, keep_features=False)
-        cells = encoding.patch_coords // truth.patch_size
         masks = {}
         for name, mask in zip(truth.names, truth.masks):
-            masks[name] = masks.get(name, False) | mask[cells[:, 1], cells[:, 0]]
+            masks[name] = masks.get(name, False) | patch_truth(encoding, truth, mask)
         similarity = queries @ encoding.patch_embeddings.to(queries.device).T
         features = calibration_features(similarity, encoding.patch_coords // encoding.patch_size_level0)  # [T, P, 4]
         for row, t in enumerate(single):

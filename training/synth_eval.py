@@ -92,13 +92,13 @@ def load_split(split_dir: str | Path):
     return ids, captions, feats, truths
 
 
-def _patch_truth(encoding, truth: Truth, mask: np.ndarray) -> np.ndarray:
+def patch_truth(encoding, truth: Truth, mask: np.ndarray) -> np.ndarray:
     """[P] bool: the encoding's patches inside a finding mask of the truth's patch grid."""
     cells = encoding.patch_coords // truth.patch_size
     inside = (cells[:, 1] < mask.shape[0]) & (cells[:, 0] < mask.shape[1])
-    patch_truth = np.zeros(len(cells), bool)
-    patch_truth[inside] = mask[cells[inside, 1], cells[inside, 0]]
-    return patch_truth
+    shown = np.zeros(len(cells), bool)
+    shown[inside] = mask[cells[inside, 1], cells[inside, 0]]
+    return shown
 
 
 def _grounding_rows(model, encoding, truth: Truth, text: str, mask: np.ndarray, method: str = "auto"):
@@ -109,7 +109,7 @@ def _grounding_rows(model, encoding, truth: Truth, text: str, mask: np.ndarray, 
     boxes = encoding.region_boxes.astype(np.float64)
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     region_truth = metrics.box_mask_fraction(mask, truth.patch_size, xywh) >= metrics.GroundingConfig().region_min_overlap
-    return result.region_scores, region_truth, result.patch_scores, _patch_truth(encoding, truth, mask), result
+    return result.region_scores, region_truth, result.patch_scores, patch_truth(encoding, truth, mask), result
 
 
 def displayed_metrics(model, encodings, truths) -> dict:
@@ -117,16 +117,17 @@ def displayed_metrics(model, encodings, truths) -> dict:
     and Dice of the painted area (phrases and held-out paraphrases); for findings a slide does not show (the
     other synthetic findings' phrases, and ABSENT_FINDINGS on every slide) the fraction of the tissue painted and
     how often the result says "not found"; and the expected calibration error of the patch probabilities over
-    every query's patches."""
+    every query's patches, and over those of the queries on slides that show the finding."""
     from napari_pathflip.analysis import shown_patches
 
     present = {f"{kind}:{name}": ([], []) for kind in ("phrase", "paraphrase") for name in PHRASES}
     absent = {"other_finding": [], "never_shown": []}
-    probability, outcome = [], []
+    called_absent = {key: [] for key in present}
+    probability, outcome, shown_probability, shown_outcome = [], [], [], []
     for encoding, truth in zip(encodings, truths):
         masks = {}
         for name, mask in zip(truth.names, truth.masks):
-            masks[name] = masks.get(name, False) | _patch_truth(encoding, truth, mask)
+            masks[name] = masks.get(name, False) | patch_truth(encoding, truth, mask)
         asked = [(name, kind, text) for name in PHRASES for kind, texts in
                  (("phrase", [PHRASES[name]]), ("paraphrase", PARAPHRASES[name])) for text in texts]
         asked += [(None, "never_shown", text) for text in ABSENT_FINDINGS]
@@ -139,18 +140,26 @@ def displayed_metrics(model, encodings, truths) -> dict:
             if name in masks:
                 present[f"{kind}:{name}"][0].append(shown)
                 present[f"{kind}:{name}"][1].append(real)
-            elif kind != "paraphrase":
+                called_absent[f"{kind}:{name}"].append(result.status == "not found")
+                shown_probability.append(probability[-1])
+                shown_outcome.append(real)
+            else:  # every wording of a finding the slide does not show, and the findings no slide shows
                 absent["other_finding" if name else "never_shown"].append(
                     {"painted": float(shown.mean()), "not_found": result.status == "not found"})
     out = {"calibrated": bool(model.config.patch_calibration is not None and model.patch_head is not None),
-           "area": {key: metrics.displayed_area_metrics(*rows) for key, rows in present.items()},
+           "area": {key: {**metrics.displayed_area_metrics(*rows),
+                          "called_absent": float(np.mean(called_absent[key])) if called_absent[key] else None}
+                    for key, rows in present.items()},
            "absent": {key: {"n_queries": len(rows),
                             "painted_mean": float(np.mean([r["painted"] for r in rows])) if rows else None,
                             "painted_at_most_2pct": float(np.mean([r["painted"] <= 0.02 for r in rows]))
                             if rows else None,
                             "not_found": float(np.mean([r["not_found"] for r in rows])) if rows else None}
                       for key, rows in absent.items()},
-           "ece": metrics.expected_calibration_error(np.concatenate(probability), np.concatenate(outcome))}
+           "ece": metrics.expected_calibration_error(np.concatenate(probability), np.concatenate(outcome)),
+           # the same over the queries on slides that show the finding (where the probabilities are not all ~0)
+           "ece_present": metrics.expected_calibration_error(np.concatenate(shown_probability),
+                                                             np.concatenate(shown_outcome))}
     return out
 
 
@@ -230,6 +239,7 @@ def summary(result: dict) -> dict:
             line[f"absent_{key}_painted"] = a["painted_mean"]
             line[f"absent_{key}_not_found"] = a["not_found"]
         line["patch_ece"] = shown["ece"]
+        line["patch_ece_present"] = shown["ece_present"]
     for task, z in result.get("zero_shot", {}).items():
         line[f"zero_shot_{task}_accuracy"] = z["accuracy"]
         line[f"zero_shot_{task}_auroc"] = z["auc_macro"]

@@ -83,15 +83,19 @@ class GroundingResult:
     method: str = "attention"
     # P(the slide shows the text) (PathFLIP.presence; weights with a patch-text head), None without one
     presence: float | None = None
-    # True when patch_scores are calibrated probabilities that each patch shows the text (weights whose head was
-    # calibrated on patch labels, gated by `presence`): the heatmap shows them as they are, on a fixed scale.
-    # False: scores only rank (the paper's attention, uncalibrated heads), shown relative to the slide's range.
+    # True for weights whose head was calibrated on patch labels: patch_scores (when asked for) are calibrated
+    # probabilities that each patch shows the text, gated by `presence`, and the heatmap shows them (or each
+    # region's probability times the presence) as they are, on a fixed scale. False: scores only rank (the paper's
+    # attention, uncalibrated heads), shown relative to the slide's range.
     calibrated: bool = False
 
     @property
     def status(self) -> str:
-        """"found", "uncertain" or "not found" from `presence` (PRESENCE_BANDS); "found" when there is none."""
-        if self.presence is None or self.presence >= PRESENCE_BANDS["uncertain"]:
+        """"found", "uncertain" or "not found" from `presence` (PRESENCE_BANDS); "ranked only" when there is none
+        (weights without a patch-text head say where a text fits best, not whether the slide shows it)."""
+        if self.presence is None:
+            return "ranked only"
+        if self.presence >= PRESENCE_BANDS["uncertain"]:
             return "found"
         return "uncertain" if self.presence >= PRESENCE_BANDS["not found"] else "not found"
 

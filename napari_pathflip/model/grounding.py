@@ -73,12 +73,13 @@ class GroundingMixin:
         evidence = region_logits.topk(min(cfg.evidence_regions, len(region_logits))).values.mean()
         presence = torch.sigmoid(cfg.presence_scale * evidence + cfg.presence_bias)
         result.presence = float(presence)
+        # calibrated weights: probabilities at every detail (heatmap_grid shows regions times the presence)
+        result.calibrated = cfg.patch_calibration is not None
         if patch_level:
-            if cfg.patch_calibration is not None:
+            if result.calibrated:
                 # P(patch shows the text) = P(slide shows it) * P(patch shows it | slide shows it)
                 cells = encoding.patch_coords // encoding.patch_size_level0
                 scores = presence * torch.sigmoid(calibrated_logits(similarity, cells, cfg.patch_calibration))
-                result.calibrated = True
             else:
                 scores = torch.sigmoid(head.logits(similarity).double())
             result.patch_scores = scores.cpu().numpy()

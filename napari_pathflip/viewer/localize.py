@@ -65,6 +65,8 @@ def heat_colormap(threshold: float = 0.0):
     from napari.utils.colormaps import Colormap
 
     values = np.linspace(0, 1, COLORMAP_SAMPLES)
+    if threshold > 0:  # a step at the threshold: napari interpolates between controls, which would blur the edge
+        values = np.union1d(values[np.abs(values - threshold) > 1e-6], [threshold - 1e-6, threshold])
     return Colormap(heat_rgba(values, threshold) / 255, controls=values, name=colormap_name(threshold))
 
 
@@ -394,7 +396,8 @@ class LocalizePanel(QGroupBox):
         return self.calibrated, self.threshold_value
 
     def _show(self, grounded: Grounded, seq: int) -> None:
-        if self.analysis is None or self.slide_layer not in self.viewer.layers:
+        # a result queued before the slide (or the query) changed belongs to what is no longer on screen
+        if seq != self.runner.latest or self.analysis is None or self.slide_layer not in self.viewer.layers:
             return
         result = grounded.result
         self._patches_at_once = self._patches_at_once or result.method == "patch_head"
