@@ -71,7 +71,7 @@ class GroundingMixin:
         result.method = "patch_head"
         # presence as PathFLIP.presence computes it: the mean of the best evidence_regions region logits, calibrated
         evidence = region_logits.topk(min(cfg.evidence_regions, len(region_logits))).values.mean()
-        presence = torch.sigmoid(cfg.presence_scale * evidence + cfg.presence_bias)
+        presence = self.presence_probability(evidence)
         result.presence = float(presence)
         # calibrated weights: probabilities at every detail (heatmap_grid shows regions times the presence)
         result.calibrated = cfg.patch_calibration is not None

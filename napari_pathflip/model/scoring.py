@@ -65,9 +65,13 @@ class ScoringMixin:
         """{class: P(the slide shows it)} for one prompt or prompt ensemble per finding (see _class_evidence):
         the calibrated evidence (presence_scale/bias, fitted on the training split; >= 0.5 = present)."""
         names, evidence = self._class_evidence(encoding, classes)
+        return dict(zip(names, self.presence_probability(evidence).tolist()))
+
+    def presence_probability(self, evidence: torch.Tensor) -> torch.Tensor:
+        """P(the slide shows a text) from its evidence: the Platt calibration presence_scale/bias of the config, in
+        float64 (the one place it is applied: `presence`, and `ground` for its verdict and gating)."""
         cfg = self.config
-        probability = torch.sigmoid(cfg.presence_scale * evidence.double() + cfg.presence_bias)
-        return dict(zip(names, probability.tolist()))
+        return torch.sigmoid(cfg.presence_scale * evidence.double() + cfg.presence_bias)
 
     def classify(self, slide, prompts) -> torch.Tensor:
         """Zero-shot class probabilities [C] (softmax over classes).
