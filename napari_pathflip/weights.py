@@ -52,6 +52,9 @@ class WeightsFolder:
 
     path: Path
 
+    def __post_init__(self) -> None:  # WeightsFolder("a/folder") works as WeightsFolder(Path("a/folder"))
+        object.__setattr__(self, "path", Path(self.path))
+
     def __str__(self) -> str:
         return str(self.path)
 

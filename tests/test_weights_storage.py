@@ -1,6 +1,7 @@
 """Weights folders that refer to their frozen text tower instead of storing a copy (PathFLIPConfig.text_tower)."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,11 @@ def test_shipped_demo_weights_store_only_what_was_trained():
     model = PathFLIP.from_pretrained(folder)
     assert model.config.text_tower == TEXT_TOWER_PACKAGE
     assert not set(model.text_tower_keys()) & set(load_file(str(folder / MODEL_FILE)))
+
+
+def test_a_weights_folder_named_by_a_string_is_the_same_folder():
+    from napari_pathflip.weights import WeightsFolder
+
+    folder = sample_data_dir() / "weights" / "pathflip"
+    by_text, by_path = WeightsFolder(str(folder)), WeightsFolder(folder)
+    assert by_text == by_path and isinstance(by_text.path, Path) and by_text.id == by_path.id
