@@ -223,6 +223,12 @@ def _blend(rgb: np.ndarray, rgba: np.ndarray, opacity: float) -> np.ndarray:
     return np.rint(rgb * (1 - weight) + rgba[..., :3] * weight).astype(np.uint8)
 
 
+def legend_ramp(width: int, threshold: float, opacity: float) -> np.ndarray:
+    """[width, 3] uint8: a colour bar's colours from 0 (left) to 1 (right), the heat colours over white at this
+    opacity (white below the threshold): the PNG's legend and the Localize panel's draw this one ramp."""
+    return _blend(np.full((width, 3), 255.0), heat_rgba(np.linspace(0, 1, width), threshold), opacity)
+
+
 def _legend(width: int, threshold: float, opacity: float, query: str, calibrated: bool, verdict: str) -> np.ndarray:
     """The legend strip [H, width, 3]: title, the colour bar (the heat colours over white at this opacity, as the
     layer looks over a white background; white below the threshold), ticks, a black mark at the threshold, the
@@ -233,7 +239,7 @@ def _legend(width: int, threshold: float, opacity: float, query: str, calibrated
     margin, line = 12, 18
     top, bar_height = 8 + line, 14
     x0, x1 = margin, width - margin
-    ramp = _blend(np.full((x1 - x0, 3), 255.0), heat_rgba(np.linspace(0, 1, x1 - x0), threshold), opacity)
+    ramp = legend_ramp(x1 - x0, threshold, opacity)
     image = Image.new("RGB", (width, top + bar_height + 2 * line + 10), "white")
     image.paste(Image.fromarray(np.broadcast_to(ramp, (bar_height, x1 - x0, 3)).copy()), (x0, top))
     draw = ImageDraw.Draw(image)

@@ -11,7 +11,8 @@ import numpy as np
 
 from .analysis import SlideAnalysis, finding_areas, heatmap_grid
 from .errors import PathflipError
-from .model.regions import AREA_NAMES, area_of, region_positions
+from .model.patch_head import patch_positions
+from .model.regions import AREA_NAMES, area_of
 
 # finding -> query (or wordings, the best supported one is kept): what a pathologist checks on such slides
 FINDINGS: dict[str, str | list[str]] = {"tumour": "tumour nest", "necrosis": "necrosis", "lymphocytes": "lymphocytes",
@@ -123,7 +124,7 @@ def evidence_from(source, result, name: str | None = None) -> FindingEvidence:
     grid = heatmap_grid(encoding, result, patch_level=True)
     cells = np.asarray(encoding.patch_coords, dtype=np.int64) // grid.cell
     values = np.nan_to_num(grid.values[cells[:, 1], cells[:, 0]], nan=0.0)
-    positions = region_positions(np.asarray(encoding.patch_coords, dtype=np.int64) // encoding.patch_size_level0)
+    positions = patch_positions(encoding.patch_coords, encoding.patch_size_level0)
     centres = (cells + 0.5) * grid.cell
     inside = np.stack([contains_xy(shape({"type": "MultiPolygon", "coordinates": a.outline}), *centres.T)
                        for a in areas])  # [areas, P]

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBo
 
 from ..analysis import SlideAnalysis, finding_areas, heatmap_grid, score_heatmap, write_grounding
 from ..errors import PathflipError
-from ..heatmap import LEGEND_TICKS, FindingArea, ScoreGrid, default_threshold, heat_rgba
+from ..heatmap import LEGEND_TICKS, FindingArea, ScoreGrid, default_threshold, heat_rgba, legend_ramp
 from ..heatmap import finding_areas as grid_areas
 from ..text import query_text
 from .fields import QueryField
@@ -155,9 +155,7 @@ class HeatLegend(QWidget):
 
     def ramp(self, width: int) -> np.ndarray:
         """[width, 3] uint8: the bar's colours, left (0) to right (1)."""
-        rgba = heat_rgba(np.linspace(0, 1, width), self.threshold)
-        weight = rgba[:, 3:] / 255 * self.opacity
-        return np.rint(255 * (1 - weight) + rgba[:, :3] * weight).astype(np.uint8)
+        return legend_ramp(width, self.threshold, self.opacity)
 
     def paintEvent(self, event) -> None:
         painter = QPainter(self)
