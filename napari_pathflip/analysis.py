@@ -120,6 +120,14 @@ def heatmap_grid(encoding, result, patch_level: bool) -> ScoreGrid:
     return score_heatmap(encoding, scores, patches=patches, relative=not result.calibrated)
 
 
+def patch_values(encoding, result) -> np.ndarray:
+    """[P] what the patch heatmap of `result` (heatmap_grid) shows at each of the encoding's patches, 0 where none:
+    the probabilities the chat's evidence and the report read."""
+    grid = heatmap_grid(encoding, result, patch_level=True)
+    cells = np.asarray(encoding.patch_coords, dtype=np.int64) // grid.cell
+    return np.nan_to_num(grid.values[cells[:, 1], cells[:, 0]], nan=0.0)
+
+
 def shown_patches(result, threshold: float | None = None) -> np.ndarray:
     """[P] bool: the patches the patch heatmap of `result` paints at `threshold` (None: default_threshold), by
     heatmap_grid's rule (and heatmap.finding_areas': a value of 0 is never painted); what the evaluation scores as

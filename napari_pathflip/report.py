@@ -9,15 +9,21 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .analysis import SlideAnalysis, finding_areas, heatmap_grid
+from .analysis import SlideAnalysis, finding_areas, heatmap_grid, patch_values
 from .errors import PathflipError
 from .model.patch_head import patch_positions
 from .model.regions import AREA_NAMES, area_of
+from .text import query_text
 
 # finding -> query (or wordings, the best supported one is kept): what a pathologist checks on such slides
-FINDINGS: dict[str, str | list[str]] = {"tumour": "tumour nest", "necrosis": "necrosis", "lymphocytes": "lymphocytes",
+# (the grounded chat names them in sentences by chat.grounded.FINDING_WORDS)
+FINDINGS: dict[str, str | list[str]] = {"tumour": "tumour nest", "necrosis": "necrosis",
+                                        "lymphoid aggregate": "lymphoid aggregate", "lymphocytes": "lymphocytes",
                                         "stroma": "fibrous stroma", "fat": "fat", "normal glands": "normal glands"}
 BOXES_LISTED = 5  # boxes per finding the Markdown lists (the JSON holds them all)
+# an area counts as a separate occurrence ("how many") when it is at least this share of the largest one's size:
+# the thresholded map also leaves fragments of one or two patches beside a finding's edge
+COUNTED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class EvidenceBox:
     box: tuple[int, int, int, int]  # level-0 (x0, y0, x1, y1)
     probability: float  # the highest heatmap value inside (a probability when calibrated, else a relative score)
     fraction: float  # of the slide's tissue
+    place: str | None = None  # AREA_NAMES entry of its probability-weighted centroid
 
 
 @dataclass
@@ -50,8 +57,21 @@ class FindingEvidence:
 
     @property
     def count(self) -> int:
-        """Separate areas."""
-        return len(self.boxes)
+        """Separate occurrences: areas at least COUNTED_SHARE of the largest one's size (0 when absent)."""
+        return len(self.counted)
+
+    @property
+    def counted(self) -> list[EvidenceBox]:
+        """The areas `count` counts, best first."""
+        if not self.present or not self.boxes:
+            return []
+        largest = max(b.fraction for b in self.boxes)
+        return [b for b in self.boxes if b.fraction >= COUNTED_SHARE * largest]
+
+    @property
+    def area_places(self) -> list[str]:
+        """The places of the counted areas, best first, each once."""
+        return list(dict.fromkeys(b.place for b in self.counted if b.place))
 
     def summary(self) -> str:
         """One line, e.g. "found, p = 0.98, upper left, 8.5% of tissue, 1 area"."""
@@ -68,7 +88,8 @@ class FindingEvidence:
     @classmethod
     def from_json(cls, data: dict) -> FindingEvidence:
         data = {k: v for k, v in data.items() if k != "count"}
-        boxes = [EvidenceBox(tuple(b["box"]), b["probability"], b["fraction"]) for b in data.pop("boxes")]
+        boxes = [EvidenceBox(tuple(b["box"]), b["probability"], b["fraction"], b.get("place"))
+                 for b in data.pop("boxes")]
         return cls(**data, boxes=boxes)
 
 
@@ -97,50 +118,67 @@ class SlideReport:
             where = f"**{f.place}** ({where})" if f.place else "-"
             size = f"{f.size:.1%}" if f.present else "-"
             status = f.status if f.present else "absent"
-            lines.append(f"| {f.name} | {f.query} | {status} | {p} | {where} | {size} | {f.count} |")
+            lines.append(f"| {f.name} | {f.query} | {status} | {p} | {where} | {size} | {len(f.boxes)} |")
         for f in (f for f in self.findings if f.boxes):
             value = "p" if f.calibrated else "score"
             lines += ["", f"## {f.name}", ""]
             lines += [f"{rank}. ({', '.join(map(str, b.box))}): {value} {b.probability:.2f}, {b.fraction:.1%} of "
-                      "tissue" for rank, b in enumerate(f.boxes[:BOXES_LISTED], 1)]
-            if f.count > BOXES_LISTED:
-                lines.append(f"... and {f.count - BOXES_LISTED} more (the JSON report holds them all)")
+                      f"tissue, {b.place}" for rank, b in enumerate(f.boxes[:BOXES_LISTED], 1)]
+            if len(f.boxes) > BOXES_LISTED:
+                lines.append(f"... and {len(f.boxes) - BOXES_LISTED} more (the JSON report holds them all)")
         return "\n".join(lines) + "\n"
 
 
+class EncodedSlide:
+    """A slide's encoding with the PathFLIP that made it: what evidence needs of a SlideAnalysis (`prepare`,
+    `ground`), for slides encoded elsewhere (the evaluation encodes stored features)."""
+
+    def __init__(self, model, encoding):
+        self.model, self.encoding = model, encoding
+
+    def prepare(self):
+        return self.encoding
+
+    def ground(self, text: str, top_k: int = 5, patch_level: bool = True):
+        return self.model.ground(self.encoding, query_text(text), top_k=top_k, patch_level=patch_level)
+
+
 def evidence_from(source, result, name: str | None = None) -> FindingEvidence:
-    """The evidence of a grounding result already computed (`source`: its SlideAnalysis or SlideEncoding): its finding
-    areas at the default threshold (analysis.finding_areas), where they lie and how large they are."""
+    """The evidence of a grounding result already computed (`source`: its SlideAnalysis, EncodedSlide or
+    SlideEncoding): its finding areas at the default threshold (analysis.finding_areas), where they lie and how
+    large they are."""
     from shapely import contains_xy
     from shapely.geometry import shape
 
-    encoding = source.prepare() if isinstance(source, SlideAnalysis) else source
+    encoding = source.prepare() if hasattr(source, "prepare") else source
     evidence = FindingEvidence(name or result.text, result.text, result.presence, result.status, result.calibrated)
     areas = finding_areas(encoding, result) if evidence.present else []
     if not areas:
         return evidence
     # each patch at the centre of the heatmap cell it is painted in, with its heatmap value and its position within
     # the tissue's extent (as the areas of a section are told)
-    grid = heatmap_grid(encoding, result, patch_level=True)
-    cells = np.asarray(encoding.patch_coords, dtype=np.int64) // grid.cell
-    values = np.nan_to_num(grid.values[cells[:, 1], cells[:, 0]], nan=0.0)
+    values = patch_values(encoding, result)
     positions = patch_positions(encoding.patch_coords, encoding.patch_size_level0)
-    centres = (cells + 0.5) * grid.cell
+    cell = heatmap_grid(encoding, result, patch_level=True).cell
+    centres = (np.asarray(encoding.patch_coords, dtype=np.int64) // cell + 0.5) * cell
     inside = np.stack([contains_xy(shape({"type": "MultiPolygon", "coordinates": a.outline}), *centres.T)
                        for a in areas])  # [areas, P]
-    best = inside[0]
-    centroid = (positions[best] * values[best, None]).sum(0) / values[best].sum()
-    evidence.place = AREA_NAMES[int(area_of(centroid[None])[0])]
+    weights = inside * values[None]  # [areas, P]
+    centroids = weights @ positions / np.maximum(weights.sum(1, keepdims=True), 1e-12)
+    places = [AREA_NAMES[i] for i in area_of(centroids)]
+    evidence.place = places[0]
     shares = np.bincount(area_of(positions[inside.any(0)]), minlength=len(AREA_NAMES)) / inside.any(0).sum()
     evidence.places = {AREA_NAMES[i]: round(float(shares[i]), 4) for i in np.argsort(-shares, kind="stable")
                        if shares[i] > 0}
     evidence.size = float(sum(a.fraction for a in areas))
-    evidence.boxes = [EvidenceBox(tuple(int(v) for v in a.box), a.probability, a.fraction) for a in areas]
+    evidence.boxes = [EvidenceBox(tuple(int(v) for v in a.box), a.probability, a.fraction, place)
+                      for a, place in zip(areas, places)]
     return evidence
 
 
-def evidence_for(analysis: SlideAnalysis, text: str | list[str], name: str | None = None) -> FindingEvidence:
-    """The evidence for one free-text finding on the analysed slide; several wordings: the one whose presence is
+def evidence_for(analysis, text: str | list[str], name: str | None = None) -> FindingEvidence:
+    """The evidence for one free-text finding on the analysed slide (a SlideAnalysis or an EncodedSlide); several
+    wordings: the one whose presence is
     highest (the first without presence probabilities). `name`: what the report calls it (default: the query)."""
     texts = [text] if isinstance(text, str) else list(text)
     if not texts:

@@ -55,6 +55,17 @@ def _exact_top(folder: Path, queries: np.ndarray, count: int) -> list[set]:
     return [set(keys[np.argsort(-s)[:count]].tolist()) for s in scores]
 
 
+def _assert_patch_mean(index: "ann.PrototypeIndex", folder: Path, count: int) -> None:
+    """The index's patch totals (kept per segment through merges, plus the rows past them) are the table's."""
+    import zarr
+
+    group = zarr.open_group(folder / "library.zarr", mode="r")
+    total, patches = ann.patch_totals(group["prototypes"][:count].astype(np.float32),
+                                      group["prototype_patches"][:count])
+    assert index.patch_totals[1] == patches
+    np.testing.assert_allclose(index.patch_totals[0], total, rtol=1e-9)
+
+
 def test_rows_added_extend_the_index_without_a_rebuild(table):
     assert ann.update(table) == 200
     first = ann.read_manifest(table)["segments"]
@@ -77,8 +88,10 @@ def test_rows_added_extend_the_index_without_a_rebuild(table):
         ann.update(table)
     segments = ann.read_manifest(table)["segments"]
     assert segments[-1]["stop"] == 400 and len(segments) <= 6
-    keys, _ = ann.PrototypeIndex(table, 400).search(queries, 10)
+    index = ann.PrototypeIndex(table, 400)
+    keys, _ = index.search(queries, 10)
     assert [set(k.tolist()) for k in keys] == _exact_top(table, queries, 10)
+    _assert_patch_mean(index, table, 400)
 
 
 def test_a_lagging_index_searches_every_committed_row_and_catches_up(table):
@@ -86,6 +99,7 @@ def test_a_lagging_index_searches_every_committed_row_and_catches_up(table):
     append_rows(table, _rows(np.random.default_rng(3), 200, 30))  # committed, not indexed (as after a kill)
     index = ann.PrototypeIndex(table, 230)
     assert index.covered == 200 and index.lag == 30
+    _assert_patch_mean(index, table, 230)
     queries = np.random.default_rng(4).standard_normal((4, D + 1)).astype(np.float32)
     keys, _ = index.search(queries, 10)
     assert [set(k.tolist()) for k in keys] == _exact_top(table, queries, 10)

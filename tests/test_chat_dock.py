@@ -92,22 +92,22 @@ def test_streamed_multi_turn_chat_and_markdown_export(dock, analysis, qtbot, tmp
     assert first.text.strip() in dock.transcript_markdown()
 
     dock.max_tokens.setValue(16)
-    _, second = ask(dock, qtbot, "Where is the tumour?")
+    _, second = ask(dock, qtbot, "What grade is the tumour?")
     assert len(second.token_ids) == 16
     history = dock.conversation.history
     assert [turn["role"] for turn in history] == ["user", "assistant"] * 2
     assert history[0]["content"] == "What is the diagnosis?" and history[1]["content"] == first.text
-    assert history[2]["content"] == "Where is the tumour?" and history[3]["content"] == second.text
+    assert history[2]["content"] == "What grade is the tumour?" and history[3]["content"] == second.text
 
     path = dock.save_transcript(tmp_path / "transcript")
     assert path == tmp_path / "transcript.md"
     saved = path.read_text(encoding="utf-8")
     assert saved.startswith("# PathFLIP chat") and SLIDE in saved
     assert saved.count("**You:**") == 2 and saved.count("**PathFLIP:**") == 2
-    for text in ("What is the diagnosis?", "Where is the tumour?", first.text.strip(), second.text.strip()):
+    for text in ("What is the diagnosis?", "What grade is the tumour?", first.text.strip(), second.text.strip()):
         assert text in saved
     assert "*(answer cut at the token limit" in saved  # fixed-length answers end at the limit, and say so
-    assert saved.index("What is the diagnosis?") < saved.index(first.text.strip()) < saved.index("Where is the")
+    assert saved.index("What is the diagnosis?") < saved.index(first.text.strip()) < saved.index("What grade is the")
 
     dock.copy_button.click()
     assert undated(QApplication.clipboard().text()) == undated(saved)
@@ -132,7 +132,7 @@ def test_stop_cancels_while_the_event_loop_keeps_serving(dock, analysis, qtbot):
     dock.streamed.connect(pieces.append)
     dock.answered.connect(answers.append)
 
-    assert dock.send("Describe the tissue in detail.")
+    assert dock.send("What is the diagnosis? Explain in detail.")
     assert dock.busy and dock.stop_button.isEnabled() and not dock.send_button.isEnabled()
     qtbot.waitUntil(lambda: bool(pieces), timeout=ANSWER_WAIT_MS)
     marks["first"] = ticks[0]
@@ -150,7 +150,7 @@ def test_stop_cancels_while_the_event_loop_keeps_serving(dock, analysis, qtbot):
     assert dock.is_ready and not dock.stop_button.isEnabled()
 
     dock.max_tokens.setValue(8)
-    _, after = ask(dock, qtbot, "Is there necrosis?")
+    _, after = ask(dock, qtbot, "What grade is it?")
     assert after.finish_reason == "length" and len(after.token_ids) == 8
 
 
@@ -232,7 +232,7 @@ def test_removing_the_dock_mid_answer_stops_the_answer(dock, analysis, qtbot):
     conversation, pieces, deleted = dock.conversation, [], []
     dock.streamed.connect(pieces.append)
     dock.destroyed.connect(lambda: deleted.append(True))
-    assert dock.send("Describe the tissue in detail.")
+    assert dock.send("What is the diagnosis? Explain in detail.")
     qtbot.waitUntil(lambda: bool(pieces), timeout=ANSWER_WAIT_MS)
     dock.viewer.window.remove_dock_widget(dock)
     dock.deleteLater()
@@ -269,7 +269,7 @@ def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, cach
         dock.set_analysis(demo)
         qtbot.waitUntil(lambda: dock.is_ready, timeout=ANSWER_WAIT_MS)
         _, answer = ask(dock, qtbot, click=dock.describe_button)
-        # then a multiple-choice question from the form: the demo chat ranks the options, shares under the answer
+        # then a multiple-choice question from the form: the evidence picks the option and the answer cites it
         from training.synthetic import demo_spec
 
         question = next(q for q in demo_spec().questions if "centre" in q.question)
@@ -278,7 +278,9 @@ def test_screenshot_of_a_chat_answer(make_napari_viewer, analysis, wsi_dir, cach
         for letter, text in question.options.items():
             dock.choice_options[letter].setText(text)
         _, choice = ask(dock, qtbot, click=dock.choice_button)
-        assert choice.option_scores and "options as the model ranks them" in dock.transcript.toPlainText()
+        assert choice.text.startswith(f"{question.answer}. {question.options[question.answer]}.")
+        assert choice.grounded and choice.citations and "cite:" in dock.transcript.toHtml()
+        assert answer.report is not None and "**Report**" in dock.transcript_markdown()
         assert "answered from the slide alone" not in dock.status.text()  # the demo chat keeps every turn
     else:
         viewer.open(str(wsi_dir / SLIDE), plugin="napari-pathflip")

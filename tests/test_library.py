@@ -17,7 +17,7 @@ import zarr
 
 from napari_pathflip.commands import main
 from napari_pathflip.extraction import collect_slides
-from napari_pathflip.library import TABLE, Library, LibraryConfig, index_slides
+from napari_pathflip.library import TABLE, Library, SearchConfig, index_slides
 from napari_pathflip.model import SlideEncoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,8 @@ def test_index_names_broken_slides_writes_a_zarr_table_and_resumes(slides, extra
 
 
 def test_search_ranks_as_retrieval_scores_and_the_first_stage_bounds_the_evidence(library):
-    lib = Library(library, config=LibraryConfig(candidates=2))  # stage 2 re-scores max(2 x top, 2) of the 4 rows
+    lib = Library(library, search=SearchConfig(exact_rows=2))  # stage 2 re-scores max(top, 2) of the 4 rows
+    every = Library(library, model=lib.model, search=SearchConfig(exact_rows=len(lib)))
     encodings = [lib.encoding(row) for row in range(len(lib))]
     texts = ["necrosis", "fat lobules occupy the upper left part of the section. normal glands"]
     with torch.inference_mode():
@@ -139,7 +140,7 @@ def test_search_ranks_as_retrieval_scores_and_the_first_stage_bounds_the_evidenc
         with lib.caching_texts():
             candidates = np.argsort(-lib.first_stage([text])[0], kind="stable")[:2]
         assert lib.search(text, top=1)[0].row == candidates[np.argmax(scores[candidates])]
-        hits = lib.search(text, top=2)
+        hits = every.search(text, top=2)  # every row re-scored: the exact ranking
         assert [h.row for h in hits] == list(np.argsort(-scores, kind="stable")[:2])
         np.testing.assert_allclose([h.score for h in hits], np.sort(scores)[::-1][:2], rtol=1e-5)
         for hit in hits:
@@ -447,6 +448,18 @@ def test_region_search_finds_its_own_place_first_and_sharded_libraries_merge(lib
     hits = lib.search_region(1, box, top=4)
     assert hits[0].row == 1 and hits[0].box == box and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert len({h.row for h in hits}) == len(hits)  # one place per slide
+    # a box off the patch grid: its own place still first, as drawn
+    off = (box[0] + 100, box[1] + 37, box[2] + 100, box[3] + 37)
+    first = lib.search_region(1, off, top=2)[0]
+    assert first.row == 1 and first.box == off and first.score == pytest.approx(1.0, abs=1e-5)
+    # other places: the cosine of the query and the window's patch embeddings, each less the library's mean one
+    query, other = lib.region_query(1, box), hits[1]
+    place = lib.encoding(other.row)
+    x0, y0, x1, y1 = other.box
+    inside = (place.patch_coords[:, 0] >= x0) & (place.patch_coords[:, 0] < x1) & \
+        (place.patch_coords[:, 1] >= y0) & (place.patch_coords[:, 1] < y1)
+    total = place.patch_embeddings.numpy()[inside].sum(0) - inside.sum() * lib.patch_mean
+    assert other.score == pytest.approx(float(total @ query.vector / np.linalg.norm(total)), abs=1e-5)
     assert main(["search", str(library), "--region", lib.paths[1], *map(str, box), "--top", "2"]) == 0
     assert f"place x {box[0]}-{box[2]}, y {box[1]}-{box[3]}: 1.000" in capsys.readouterr().out
 
@@ -456,6 +469,8 @@ def test_region_search_finds_its_own_place_first_and_sharded_libraries_merge(lib
                      device="cpu")
     sharded = open_library(tmp_path / "sharded")
     assert isinstance(sharded, Shards) and len(sharded) == GOOD
+    for shard in sharded.shards:  # places centred on the mean of every shard, as in the one library
+        np.testing.assert_allclose(shard.patch_mean, lib.patch_mean, rtol=1e-5, atol=1e-6)
     for text in ("necrosis", "fat lobules"):
         merged = [(h.name, round(h.score, 4), h.box) for h in sharded.search(text, top=GOOD)]
         single = [(h.name, round(h.score, 4), h.box) for h in lib.search(text, top=GOOD)]

@@ -106,11 +106,18 @@ def test_json_round_trips_and_markdown_names_each_finding_with_p_and_place(repor
     assert data == report.to_json() and SlideReport.from_json(data) == report
     assert data["slide"] == str(SLIDE) and len(data["weights"]) == 16
     for finding in data["findings"]:
-        assert finding["count"] == len(finding["boxes"])
+        # separate occurrences: the areas at least a quarter of the largest one's size
+        assert finding["count"] == sum(b["fraction"] >= 0.25 * max(c["fraction"] for c in finding["boxes"])
+                                       for b in finding["boxes"])
         assert all(isinstance(v, int) for box in finding["boxes"] for v in box["box"])
     lines = report.to_markdown().splitlines()
+    absent = [f for f in report.findings if not f.present]
+    assert [f.name for f in absent] == ["lymphoid aggregate"]  # the demo slide has lymphocytes at the tumour edge
     for f in report.findings:
         row = next(line for line in lines if line.startswith(f"| {f.name} | {f.query} |"))
+        if f in absent:
+            assert row.endswith(f"| absent | {f.presence:.2f} | - | - | 0 |") and not f.boxes, row
+            continue
         assert f"| {f.presence:.2f} |" in row and f"**{f.place}**" in row, row
         x0, y0, x1, y1 = f.boxes[0].box
         assert f"1. ({x0}, {y0}, {x1}, {y1}): " in lines[lines.index(f"## {f.name}") + 2]
@@ -141,3 +148,27 @@ def test_cli_prints_the_report_and_writes_markdown_and_json(cache, tmp_path, cap
             main(["report", *common, *bad])
         assert exit_.value.code == 2
     assert "use a .md or .json" in capsys.readouterr().err
+
+
+def test_cli_chat_prints_the_cited_boxes_and_writes_them_for_qupath(cache, tmp_path, capsys):
+    """`pathflip chat` answers from the evidence, prints each cited finding's boxes in level-0 px, and writes them
+    as Markdown, JSON and GeoJSON (QuPath annotations, read back by the project's GeoJSON reader); --region asks
+    about a box only."""
+    from napari_pathflip.annotations import read_geojson
+
+    common = [str(SLIDE), "--weights", str(WEIGHTS), "--cache", str(cache), "--device", "cpu"]
+    assert main(["chat", *common, "Where is the fat?", "--out", str(tmp_path / "fat.geojson")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Fat is in the lower left part of the section")
+    cited = next(line for line in printed.splitlines() if line.startswith("[1] fat ('fat'): found"))
+    box = tuple(int(v) for v in cited.rsplit(": ", 1)[1].strip("()").split(", "))
+    shapes = read_geojson(tmp_path / "fat.geojson").items
+    assert [s.classification for s in shapes] == ["fat"] and shapes[0].name == "fat cited area #1"
+    assert shapes[0].bounds == box
+
+    assert main(["chat", *common, "Where is the fat?", "--out", str(tmp_path / "fat.json")]) == 0
+    capsys.readouterr()
+    data = json.loads((tmp_path / "fat.json").read_text())
+    assert data["citations"][0]["evidence"]["boxes"][0]["box"] == list(box)
+    assert main(["chat", *common, "What is this?", "--region", "5700", "3600", "6800", "4300"]) == 0
+    assert capsys.readouterr().out.startswith("This region shows normal glands")

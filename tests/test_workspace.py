@@ -33,7 +33,9 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def viewer(make_napari_viewer):
-    return make_napari_viewer(show=True)
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1600, 1000)  # a workstation window: the workspace and the chat beside the canvas
+    return viewer
 
 
 def _messages_since(count):
@@ -306,7 +308,7 @@ def test_screenshot_shows_the_heatmap(viewer, weights, cache, qtbot, tmp_path):
     workspace = _workspace(viewer, WeightsFolder.resolve().path if trained else weights, cache)
     out = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
     out.mkdir(parents=True, exist_ok=True)
-    viewer.window.resize(1500, 950)
+    viewer.window.resize(1800, 1000)
     _open_and_analyze(viewer, workspace, qtbot)
     viewer.reset_view()
     slide_only = viewer.screenshot(canvas_only=True)
@@ -437,3 +439,61 @@ def test_calibrated_colour_scale_legend_and_areas_follow_the_threshold(viewer, w
     x0, y0, x1, y1 = localize.result.top_boxes[1, :4]
     np.testing.assert_allclose(viewer.scene.camera.center[-2:],
                                slide.data_to_world(((y0 + y1) / 2 - 0.5, (x0 + x1) / 2 - 0.5)))
+
+
+def test_a_cited_finding_in_the_chat_shows_its_heatmap_and_zooms_to_its_box(viewer, cache, qtbot, tmp_path):
+    """The grounded chat beside Localize (its own column, not a tab): "Where is the fat?" is answered from the
+    evidence with the finding as a link; clicking it shows the fat heatmap in Localize and zooms onto the cited
+    box. "What is this?" about a drawn rectangle over the glands names them. With PATHFLIP_SCREENSHOT_DIR set,
+    saves the README's screenshot."""
+    from qtpy.QtCore import QUrl
+
+    from napari_pathflip.viewer.layers import box_world
+
+    shipped = WeightsFolder.resolve().path
+    if not (WeightsFolder(shipped).chat_dir / "chat_config.json").is_file():
+        pytest.fail(f"the demo weights are missing from {shipped.parent}: run `python -m training demo`")
+    viewer.window.resize(1800, 1000)
+    workspace = _workspace(viewer, shipped, cache)
+    _open_and_analyze(viewer, workspace, qtbot)
+    chat = workspace.chat
+    qtbot.waitUntil(lambda: chat.is_ready, timeout=90_000)
+    assert not chat.visibleRegion().isEmpty() and not workspace.localize.visibleRegion().isEmpty()  # side by side
+
+    answers = []
+    chat.answered.connect(answers.append)
+    chat.question.setText("Where is the fat?")
+    chat.send()
+    qtbot.waitUntil(lambda: bool(answers) and not chat.busy, timeout=30_000)
+    answer = answers.pop()
+    assert answer.grounded and "lower left" in answer.text  # the demo slide's fat lobules (synthetic truth)
+    assert "cite:1:0" in chat.transcript.toHtml()
+    viewer.reset_view()
+    overview = viewer.scene.camera.zoom
+    box = answer.citations[0].evidence.boxes[0].box
+    with qtbot.waitSignal(workspace.localize.heatmap_updated, timeout=30_000,
+                          check_params_cb=lambda query, shown: query == "fat"):
+        chat.transcript.anchorClicked.emit(QUrl("cite:1:0"))
+    qtbot.waitUntil(lambda: viewer.scene.camera.zoom > overview, timeout=5000)
+    assert workspace.localize.result.text == "fat" and viewer.layers[HEATMAP].visible
+    low, high = box_world(viewer.layers[DEMO], box)
+    assert np.all(low <= np.asarray(viewer.scene.camera.center[-2:])) and np.all(
+        np.asarray(viewer.scene.camera.center[-2:]) <= high)
+
+    # a region question: a rectangle drawn over the normal glands (right part of the demo slide)
+    slide = viewer.layers[DEMO]
+    shapes = viewer.add_shapes([np.array([[3600, 5700], [4300, 5700], [4300, 6800], [3600, 6800]])],
+                               shape_type="rectangle", name="region", scale=slide.scale[-2:],
+                               translate=slide.translate[-2:], units=slide.units[-2:])
+    shapes.selected_data = {0}
+    chat.question.setText("What is this?")
+    assert chat.send()
+    qtbot.waitUntil(lambda: bool(answers) and not chat.busy, timeout=30_000)
+    region = answers.pop()
+    assert region.text.startswith("This region shows normal glands"), region.text
+    assert "about the region x 5700-6800, y 3600-4300" in chat.transcript_markdown()
+
+    viewer.layers.selection.active = viewer.layers[DEMO]
+    folder = Path(os.environ.get("PATHFLIP_SCREENSHOT_DIR", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(folder / "chat_grounded.png"), canvas_only=False)

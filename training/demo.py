@@ -90,20 +90,40 @@ def build_corpus(work: Path, plan: DemoPlan, processes: int = 2) -> None:
         write_text_files(work / "corpus" / split, [slide_name(split, s) for s in range(count)])
 
 
+def chat_headline(chat: dict) -> dict:
+    """The chat figures of one answer mode (evaluate_chat's result["modes"][mode], or its top level)."""
+    out = {"vqa_accuracy": chat["vqa"]["accuracy"] if "vqa" in chat else None}
+    if "vqa_generate" in chat:  # the letter from greedy decoding instead of ranking the options
+        out["vqa_accuracy_generate"] = chat["vqa_generate"]["accuracy"]
+    out.update({f"caption_{k}": v for k, v in chat.get("captions", {}).items() if k.startswith(("bleu", "rouge"))})
+    if "Location" in chat.get("vqa_by_type", {}):
+        out["vqa_where_accuracy"] = chat["vqa_by_type"]["Location"]["accuracy"]
+    if "Location" in chat.get("vqa_generate_by_type", {}):
+        out["vqa_where_accuracy_generate"] = chat["vqa_generate_by_type"]["Location"]["accuracy"]
+    if chat.get("vqa_by_type"):
+        out["vqa_type_min_accuracy"] = min(v["accuracy"] for v in chat["vqa_by_type"].values())
+    if "caption_places" in chat:
+        out["caption_place_recall"] = chat["caption_places"]["recall"]
+        out["caption_place_precision"] = chat["caption_places"]["precision"]
+    for key, figure, name in (("free_text", "accuracy", "free_text_accuracy"),
+                              ("regions", "named_first", "region_named_first"),
+                              ("presence_agreement", "agreement", "presence_agreement"),
+                              ("cited_in_mask", "share", "cited_in_mask")):
+        if key in chat:
+            out[name] = chat[key][figure]
+    return out
+
+
 def headline(alignment: dict, chat_metrics: dict) -> dict:
-    """The figures the README's table reports: alignment summary, VQA accuracy, caption BLEU/ROUGE-L."""
+    """The figures the README's table reports: alignment summary, then the chat's in the chat folder's answer mode
+    (VQA accuracy, caption BLEU/ROUGE-L and places, free-text, region and citation figures) and, with a "_visual"
+    suffix, the same figures of the paper's visual-token chat when it was scored beside it."""
     from training.synth_eval import summary
 
     out = summary(alignment)
-    out["vqa_accuracy"] = chat_metrics["vqa"]["accuracy"] if "vqa" in chat_metrics else None
-    if "vqa_generate" in chat_metrics:  # the letter from greedy decoding instead of ranking the options
-        out["vqa_accuracy_generate"] = chat_metrics["vqa_generate"]["accuracy"]
-    out.update({f"caption_{k}": v for k, v in chat_metrics.get("captions", {}).items()
-                if k.startswith(("bleu", "rouge"))})
-    if "vqa_by_type" in chat_metrics and "Location" in chat_metrics["vqa_by_type"]:
-        out["vqa_where_accuracy"] = chat_metrics["vqa_by_type"]["Location"]["accuracy"]
-    if "caption_places" in chat_metrics:
-        out["caption_place_recall"] = chat_metrics["caption_places"]["recall"]
+    out.update(chat_headline(chat_metrics))
+    if chat_metrics.get("answers") == "grounded" and "visual" in chat_metrics.get("modes", {}):
+        out.update({f"{k}_visual": v for k, v in chat_headline(chat_metrics["modes"]["visual"]).items()})
     return out
 
 

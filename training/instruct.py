@@ -545,23 +545,32 @@ def _write_predictions(path: Path, rows: list[tuple[str, str]]) -> Path:
 def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str | Path, *,
                   features_dir: str | Path | None = None, out_dir: str | Path | None = None,
                   llm_dir: str | Path | None = None, max_slides: int | None = None, patch_size_level0: int = 0,
-                  caption_tokens: int = 256, device: str = "auto") -> dict:
-    """Score a chat folder on a split folder (vqa.csv, captions.csv, features/<slide_id>.h5), greedy decoding.
+                  caption_tokens: int = 256, device: str = "auto", modes: tuple[str, ...] | None = None) -> dict:
+    """Score a chat folder on a split folder (vqa.csv, captions.csv, features/<slide_id>.h5), greedy decoding, in
+    each answer mode of `modes` (default: "visual" and "grounded", chat.ANSWER_MODES) side by side.
 
-    VQA: `metrics.vqa_accuracy` (SlideBench rule, overall and per Broad Category) on answers to the engine's own
-    choice prompt with the chat config's choice_rule; when that is "rank", also "vqa_generate": the same questions
-    with the letter left to greedy decoding (for comparison); captions: `metrics.caption_metrics` (BLEU-1..4,
-    ROUGE-L) of the answer to each caption row's question. Writes <out_dir>/vqa_predictions.csv and
-    caption_predictions.csv (ID,response; the first is what
-    `python -m training evaluate vqa --questions <split>/vqa.csv --predictions ...` scores).
-    `max_slides` keeps the first slides of the split (quick checks). Returns a JSON-ready dict.
+    Per mode (result["modes"][mode]; the top level repeats the chat config's own mode): VQA: `metrics.vqa_accuracy`
+    (SlideBench rule, overall and per Broad Category, "vqa_by_type" per Narrow Category) on answers to the engine's
+    own choice prompt with the chat config's choice_rule; when that is "rank", also "vqa_generate": the letter left
+    to greedy decoding where the LLM answers; captions: `metrics.caption_metrics` (BLEU-1..4, ROUGE-L) of the answer
+    to each caption row's question, and with truth/ the places they name (caption_place_metrics); with truth/ also
+    the free-text, region, presence-agreement and citation figures of training.grounded_eval. Writes
+    <out_dir>/vqa_predictions.csv and caption_predictions.csv of the config's mode (ID,response; the first is what
+    `python -m training evaluate vqa --questions <split>/vqa.csv --predictions ...` scores), <mode>-... for the
+    other. `max_slides` keeps the first slides of the split (quick checks). Returns a JSON-ready dict.
     """
+    from napari_pathflip.chat import ANSWER_MODES, SlideEvidence, visual_tensor
+    from napari_pathflip.features import read_h5
     from napari_pathflip.model import PathFLIP
+    from napari_pathflip.report import EncodedSlide
+    from training.grounded_eval import evaluate_free
     from training.sources import read_caption_csv, read_vqa_csv
 
     split_dir = Path(split_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(chat_dir) / "eval" / split_dir.name
     engine = ChatEngine.load(chat_dir, llm_dir=llm_dir, device=device, merge=True)
+    own = engine.config.answers
+    modes = tuple(modes or ANSWER_MODES)
     questions = read_vqa_csv(split_dir / "vqa.csv") if (split_dir / "vqa.csv").is_file() else []
     captions = read_caption_csv(split_dir / "captions.csv") if (split_dir / "captions.csv").is_file() else []
     if not questions and not captions:
@@ -572,45 +581,64 @@ def evaluate_chat(chat_dir: str | Path, weights_dir: str | Path, split_dir: str 
     captions = [c for c in captions if c.slide_id in keep]
     pathflip = PathFLIP.from_pretrained(weights_dir, device=resolve_device(device))
     started = time.perf_counter()
-    rows = encode_slides(pathflip, features_dir or split_dir / "features", slides, patch_size_level0,
-                         layout=engine.config.visual_layout)
-    encode_s = time.perf_counter() - started
+    features_dir = Path(features_dir or split_dir / "features")
+    encodings = {}
+    for slide_id in slides:
+        fs = read_h5(features_dir / f"{slide_id}.h5", region_patches=pathflip.config.region_patches,
+                     patch_size_level0=patch_size_level0 or None)
+        encodings[slide_id] = pathflip.encode_slide(fs.features, fs.coords, fs.patch_size_level0, keep_features=False)
+    rows = {k: visual_tensor(e, engine.config.visual_layout).cpu() for k, e in encodings.items()}
+    result = {"split": str(split_dir), "slides": len(slides), "encode_s": round(time.perf_counter() - started, 1),
+              "answers": own, "modes": {}}
     caption_settings = GenerationSettings(**{**asdict(engine.config.generation), "do_sample": False,
                                              "max_new_tokens": caption_tokens})
     choice_settings = GenerationSettings(**{**asdict(engine.config.generation), "do_sample": False,
                                             "max_new_tokens": 64})
-    started = time.perf_counter()
-    vqa_rows, caption_rows, generated = [], [], []
-    for q in questions:
-        stem, options = choice_parts(q.turns[0][0])
-        answer = engine.conversation(rows[q.slide_id]).ask_choice(stem, options, choice_settings)
-        vqa_rows.append((q.id, answer.text))
-        if engine.config.choice_rule == "rank":  # for comparison: the letter as greedy decoding writes it
-            generated.append(engine.conversation(rows[q.slide_id]).ask_choice(stem, options, choice_settings,
-                                                                              rule="generate").text)
-    for c in captions:
-        answer = engine.conversation(rows[c.slide_id]).ask(c.turns[0][0], caption_settings)
-        caption_rows.append((c.id, answer.text))
-    result = {"split": str(split_dir), "slides": len(slides), "encode_s": round(encode_s, 1),
-              "generate_s": round(time.perf_counter() - started, 1)}
-    if questions:
-        responses = dict(vqa_rows)
-        result["vqa"] = metrics.vqa_accuracy([responses[q.id] for q in questions], [q.answer for q in questions],
-                                             [q.category for q in questions])
-        # by question type (SlideBench's Narrow Category; the synthetic "where is ..." questions are "Location")
-        result["vqa_by_type"] = metrics.vqa_accuracy([responses[q.id] for q in questions],
-                                                     [q.answer for q in questions],
-                                                     [q.subcategory for q in questions])["by_category"]
-        result["vqa_predictions"] = str(_write_predictions(out_dir / "vqa_predictions.csv", vqa_rows))
-        if generated:
-            result["vqa_generate"] = metrics.vqa_accuracy(generated, [q.answer for q in questions],
-                                                          [q.category for q in questions])
-    if captions:
-        result["captions"] = metrics.caption_metrics([t for _, t in caption_rows], [c.turns[0][1] for c in captions])
-        truth = [split_dir / "truth" / f"{c.slide_id}.npz" for c in captions]
-        if all(t.is_file() for t in truth):
-            result["caption_places"] = caption_place_metrics([t for _, t in caption_rows], truth)
-        result["caption_predictions"] = str(_write_predictions(out_dir / "caption_predictions.csv", caption_rows))
+    truth = [split_dir / "truth" / f"{c.slide_id}.npz" for c in captions]
+    for mode in modes:
+        engine.config.answers = mode
+        evidence = ({k: SlideEvidence(EncodedSlide(pathflip, e)) for k, e in encodings.items()}
+                    if mode == "grounded" else dict.fromkeys(encodings))
+        started = time.perf_counter()
+        vqa_rows, caption_rows, generated = [], [], []
+        for q in questions:
+            stem, options = choice_parts(q.turns[0][0])
+            conversation = engine.conversation(rows[q.slide_id], evidence[q.slide_id])
+            vqa_rows.append((q.id, conversation.ask_choice(stem, options, choice_settings).text))
+            if engine.config.choice_rule == "rank":  # for comparison: the letter as greedy decoding writes it
+                conversation = engine.conversation(rows[q.slide_id], evidence[q.slide_id])
+                generated.append(conversation.ask_choice(stem, options, choice_settings, rule="generate").text)
+        for c in captions:
+            answer = engine.conversation(rows[c.slide_id], evidence[c.slide_id]).ask(c.turns[0][0], caption_settings)
+            caption_rows.append((c.id, answer.text))
+        scored = {"generate_s": round(time.perf_counter() - started, 1)}
+        prefix = "" if mode == own else f"{mode}-"
+        if questions:
+            responses = dict(vqa_rows)
+            answers, truths = [responses[q.id] for q in questions], [q.answer for q in questions]
+            scored["vqa"] = metrics.vqa_accuracy(answers, truths, [q.category for q in questions])
+            # by question type (SlideBench's Narrow Category; the synthetic "where is ..." questions are "Location")
+            scored["vqa_by_type"] = metrics.vqa_accuracy(answers, truths,
+                                                         [q.subcategory for q in questions])["by_category"]
+            scored["vqa_predictions"] = str(_write_predictions(out_dir / f"{prefix}vqa_predictions.csv", vqa_rows))
+            if generated:
+                scored["vqa_generate"] = metrics.vqa_accuracy(generated, truths, [q.category for q in questions])
+                scored["vqa_generate_by_type"] = metrics.vqa_accuracy(
+                    generated, truths, [q.subcategory for q in questions])["by_category"]
+        if captions:
+            scored["captions"] = metrics.caption_metrics([t for _, t in caption_rows],
+                                                         [c.turns[0][1] for c in captions])
+            if all(t.is_file() for t in truth):
+                scored["caption_places"] = caption_place_metrics([t for _, t in caption_rows], truth)
+            scored["caption_predictions"] = str(_write_predictions(out_dir / f"{prefix}caption_predictions.csv",
+                                                                   caption_rows))
+        if (split_dir / "truth").is_dir():
+            scored.update(evaluate_free(engine, pathflip, encodings, rows, split_dir, mode,
+                                        evidence=evidence if mode == "grounded" else None, settings=choice_settings))
+        result["modes"][mode] = scored
+    engine.config.answers = own
+    result.update(result["modes"].get(own, {}))
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -10,6 +10,9 @@ Where the chat gets its tokens, one module per step:
                      splice_visual: the projected tokens put at those positions of the input embeddings
     decoding.py      AnswerStream: prefill, then one token at a time (greedy or sampled)  -> text pieces, ChatAnswer
     conversation.py  Conversation: the history, ask / describe / multiple choice (choice_rule "rank" or "generate")
+    grounded.py      GroundedConversation (config.answers "grounded"): presence, where, how many, how large and
+                     what-is-here answered from the slide's PathFLIP evidence with citations, descriptions checked
+                     against it, the rest by the LLM
     engine.py        ChatEngine: loads and saves a chat folder and runs the steps (encode_visual, stream,
                      score_answers)
     config.py        ChatConfig (chat_config.json) and GenerationSettings
@@ -47,7 +50,15 @@ and inference time are identical token for token; labels are IGNORE_INDEX everyw
 every answer ends with EOS.
 """
 
-from .config import CHOICE_RULES, IMAGE_TOKEN, POOLING_RULES, VISUAL_LAYOUTS, ChatConfig, GenerationSettings
+from .config import (
+    ANSWER_MODES,
+    CHOICE_RULES,
+    IMAGE_TOKEN,
+    POOLING_RULES,
+    VISUAL_LAYOUTS,
+    ChatConfig,
+    GenerationSettings,
+)
 from .conversation import Conversation, option_shares, ranking_note
 from .decoding import AnswerStream, ChatAnswer
 from .engine import ADAPTER_DIR, CONFIG_NAME, LLM_DIR, PROJECTOR_NAME, ChatEngine
@@ -62,7 +73,21 @@ from .prompt import (
 )
 from .visual import VisualProjector, VisualTokens, area_index, cap_visual_tokens, projector_slots, visual_tensor
 
-__all__ = ["ADAPTER_DIR", "CHOICE_RULES", "CONFIG_NAME", "IGNORE_INDEX", "IMAGE_TOKEN", "LLM_DIR", "POOLING_RULES",
+# chat.grounded reads the slide's PathFLIP evidence (model/, transformers): imported on first use, so that
+# `import napari_pathflip.chat` stays light (the plugin's widgets import it when napari starts)
+_GROUNDED = ("Citation", "GroundedConversation", "SlideEvidence", "read_question")
+
+
+def __getattr__(name: str):
+    if name in _GROUNDED:
+        from . import grounded
+
+        return getattr(grounded, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ADAPTER_DIR", "ANSWER_MODES", "CHOICE_RULES", "Citation", "GroundedConversation", "SlideEvidence",
+           "read_question", "CONFIG_NAME", "IGNORE_INDEX", "IMAGE_TOKEN", "LLM_DIR", "POOLING_RULES",
            "PROJECTOR_NAME", "VISUAL_LAYOUTS", "AnswerStream", "ChatAnswer", "ChatConfig", "ChatEngine",
            "Conversation", "GenerationSettings", "TokenizedConversation", "VisualProjector", "VisualTokens",
            "area_index", "cap_visual_tokens", "choice_options", "format_choice_prompt", "option_answer",

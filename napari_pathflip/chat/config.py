@@ -13,6 +13,7 @@ IMAGE_TOKEN = "<image>"  # the default placeholder the visual tokens replace
 POOLING_RULES = ("adaptive_avg", "top_norm")  # how a slide over the token cap is reduced (visual.cap_visual_tokens)
 VISUAL_LAYOUTS = ("regions", "areas")  # which visual tokens a slide becomes (visual.visual_tensor)
 CHOICE_RULES = ("rank", "generate")  # how a multiple-choice answer's letter is chosen (conversation.py)
+ANSWER_MODES = ("grounded", "visual")  # answers from the slide's evidence where it decides, or the LLM's alone
 
 
 @dataclass
@@ -48,6 +49,10 @@ class ChatConfig:
     # trained on single-turn conversations answers best from the slide and the question alone (0). The transcript
     # keeps them all.
     history_turns: int | None = None
+    # one of ANSWER_MODES: "grounded" answers presence, where, how many, how large and what-is-here questions from
+    # the slide's PathFLIP evidence and checks descriptions against it, with citations (grounded.py); "visual" is
+    # the paper's chat, every answer from the visual tokens
+    answers: str = "grounded"
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self):
@@ -59,6 +64,8 @@ class ChatConfig:
             raise PathflipError("chat config: history_turns must be None (all) or >= 0")
         if self.choice_rule not in CHOICE_RULES:
             raise PathflipError(f"chat config: choice_rule must be one of {CHOICE_RULES}, not {self.choice_rule!r}")
+        if self.answers not in ANSWER_MODES:
+            raise PathflipError(f"chat config: answers must be one of {ANSWER_MODES}, not {self.answers!r}")
         if self.visual_layout not in VISUAL_LAYOUTS:
             raise PathflipError(f"chat config: visual_layout must be one of {VISUAL_LAYOUTS}, not "
                                 f"{self.visual_layout!r}")

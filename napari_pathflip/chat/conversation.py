@@ -62,14 +62,16 @@ class Conversation:
         if not question:
             raise PathflipError("the question is empty: type a question about the slide")
         turns = self.context() + [{"role": "user", "content": question}]
+        self._current = self.engine.stream(self.visual, turns, settings, on_done=self._remember(question),
+                                           prefix=prefix, option_scores=option_scores)
+        return self._current
 
+    def _remember(self, question: str):
+        """on_done of an answer to `question`: keep the exchange in the history unless it was cancelled."""
         def remember(answer: ChatAnswer) -> None:
             if answer.finish_reason != "cancelled":
                 self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer.text}]
-
-        self._current = self.engine.stream(self.visual, turns, settings, on_done=remember, prefix=prefix,
-                                           option_scores=option_scores)
-        return self._current
+        return remember
 
     def ask(self, question: str, settings: GenerationSettings | None = None) -> ChatAnswer:
         return self.stream(question, settings).result()

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -102,6 +102,11 @@ class ChatAnswer:
     decode_tokens_per_s: float | None  # tokens after the first one per second
     # multiple choice ranked (choice_rule "rank"): summed log-probability of each option's answer, by letter
     option_scores: dict[str, float] | None = None
+    # grounded answers (chat.grounded): the findings the text names with their evidence (Citation), whether the
+    # text was written or checked from the slide's evidence, and a description's structured report (SlideReport)
+    citations: list = field(default_factory=list)
+    grounded: bool = False
+    report: object | None = None
 
 
 class AnswerStream:

@@ -283,7 +283,14 @@ class ChatEngine:
                  cancel: threading.Event | None = None) -> ChatAnswer:
         return self.stream(visual, turns, settings, cancel).result()
 
-    def conversation(self, visual) -> Conversation:
+    def conversation(self, visual, source=None) -> Conversation:
+        """A conversation about a slide: `visual` its encoding (or visual rows); `source` its SlideAnalysis (or
+        report.EncodedSlide) for grounded answers (config.answers "grounded"; without a source the answers are
+        the LLM's)."""
+        if source is not None and self.config.answers == "grounded":
+            from .grounded import GroundedConversation
+
+            return GroundedConversation(self, visual, source)
         return Conversation(self, visual)
 
     def warmup(self, visual_len: int = 64, new_tokens: int = 8) -> None:

@@ -13,6 +13,12 @@ the first stage's bound of the region's pooled score (Jensen). a = SHARE_SCALE k
 with log(share) itself as the last coordinate (norms 1 to 3) the graph's recall@10 fell to 0.4-0.6 (inner-product
 graphs favour long vectors); with a = 0.1 it is 1.0 at efSearch 128 on the same vectors.
 
+Connectivity: prototypes gather around the tissue types a cohort holds, and with 16 neighbours per node the graph
+of bench_library.py's 320,000 clustered prototypes left whole clusters unreachable: recall@10 0.82 at efSearch 128,
+0.86 at 384, some queries landing in the wrong cluster at any efSearch (the same vectors in an L2 graph after the
+usual inner-product-to-L2 transform: 0.91-0.92). With 32 neighbours: 0.970 at efSearch 128, 0.978 at 256, 0.980 at
+512 (0.8-1.8 ms a query), built in 133 s against 81-113 s with 16 (2 cores, under load; 50 texts).
+
 Why faiss (measured on 2 cores, 320,000 prototype-like vectors of 257 dimensions; README "Slide library"): its HNSW
 reaches recall@10 0.99 at efSearch 128 in 0.31 ms (p50) like hnswlib's (0.25 ms) and builds in 140 s against
 hnswlib's 99 s and usearch's 417 s (float32); faiss ships
@@ -47,15 +53,15 @@ ANN = "ann"
 MANIFEST = "manifest.json"
 TERMS = "terms.npz"  # the `like` vocabulary in the head's text space (search.py writes it: it has the model)
 PROFILES = "profiles.npy"  # [rows, terms] each slide's exact evidence for the `like` vocabulary
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: segments record their rows' patch totals (patch_totals); older indexes are built again
 SHARE_SCALE = 0.1  # a of the module doc
 
 
 @dataclass
 class AnnConfig:
-    connectivity: int = 16  # HNSW neighbours per node (M)
+    connectivity: int = 32  # HNSW neighbours per node (M): see the module doc
     expansion_add: int = 128  # candidate list while inserting (efConstruction)
-    expansion_search: int = 128  # candidate list while searching (efSearch): see bench_library.py latency
+    expansion_search: int = 256  # candidate list while searching (efSearch): see the module doc
     merge_ratio: float = 0.5  # merge the newest segment into the one before once it holds this share of its vectors
     rows_per_read: int = 4096  # table rows read at once while indexing
 
@@ -84,6 +90,14 @@ def prototype_vectors(prototypes: np.ndarray, share: np.ndarray, first_row: int)
     vectors[:, :d] = prototypes.reshape(-1, d)[keep]
     vectors[:, d] = SHARE_SCALE * np.log(share.reshape(-1)[keep])
     return keys, vectors
+
+
+def patch_totals(prototypes: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, int]:
+    """(sum of each prototype times its patch count [d] float64, the patch count) over table rows given their
+    prototypes [S, K, d] and prototype_patches [S, K]: over a library, its mean patch embedding (prototypes are
+    means of their patches; the one region search centres on, search.py)."""
+    counts = np.asarray(patches, dtype=np.float64)
+    return np.einsum("skd,sk->d", np.asarray(prototypes, dtype=np.float64), counts), int(counts.sum())
 
 
 # ------------------------------------------------------------------------------------------------------- manifest
@@ -260,18 +274,22 @@ def _write_segment(folder: Path, group, start: int, stop: int, extend: dict | No
         graph = faiss.IndexHNSWFlat(d + 1, config.connectivity, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = config.expansion_add
         index, first = faiss.IndexIDMap2(graph), start
+        total, patches = np.zeros(d), 0
     else:
         index, first = faiss.read_index(str(index_folder(folder) / extend["file"])), extend["start"]
+        total, patches = np.asarray(extend["patch_sum"], dtype=np.float64), int(extend["patches"])
     for begin in range(start, stop, config.rows_per_read):
         end = min(begin + config.rows_per_read, stop)
-        keys, vectors = prototype_vectors(group["prototypes"][begin:end].astype(np.float32),
-                                          group["prototype_share"][begin:end], begin)
+        prototypes = group["prototypes"][begin:end].astype(np.float32)
+        keys, vectors = prototype_vectors(prototypes, group["prototype_share"][begin:end], begin)
         if len(keys):
             index.add_with_ids(vectors, keys)
+        more, count = patch_totals(prototypes, group["prototype_patches"][begin:end])
+        total, patches = total + more, patches + count
     name = _segment_name(first, stop)
     atomic_write(index_folder(folder) / name, lambda tmp: faiss.write_index(index, str(tmp)), suffix=".faiss")
     return {"file": name, "start": first, "stop": stop, "vectors": int(index.ntotal),
-            "last": _fingerprint(group, stop - 1)}
+            "last": _fingerprint(group, stop - 1), "patch_sum": total.tolist(), "patches": patches}
 
 
 def _remove_unlisted(folder: Path, segments: list[dict]) -> None:
@@ -341,12 +359,19 @@ class PrototypeIndex:
         for index in self.segments:
             _faiss().downcast_index(index.index).hnsw.efSearch = self.config.expansion_search
         self.covered = min(segments[-1]["stop"], self.count) if segments else 0
+        # the library's patch totals (patch_totals): the segments' (a segment reaching past `count`, left by a
+        # killed update, counts its extra rows until the next update) and the rows past them
+        total = sum((np.asarray(s["patch_sum"]) for s in segments), np.zeros(self.dim - 1))
+        patches = sum(int(s["patches"]) for s in segments)
         if self.covered < self.count:
-            self.tail_keys, self.tail = prototype_vectors(
-                group["prototypes"][self.covered:self.count].astype(np.float32),
-                group["prototype_share"][self.covered:self.count], self.covered)
+            tail = group["prototypes"][self.covered:self.count].astype(np.float32)
+            self.tail_keys, self.tail = prototype_vectors(tail, group["prototype_share"][self.covered:self.count],
+                                                          self.covered)
+            more, count = patch_totals(tail, group["prototype_patches"][self.covered:self.count])
+            total, patches = total + more, patches + count
         else:
             self.tail_keys, self.tail = np.zeros(0, np.uint64), np.zeros((0, self.dim), np.float32)
+        self.patch_totals = total, patches
 
     @property
     def lag(self) -> int:

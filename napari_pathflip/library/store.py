@@ -63,7 +63,7 @@ REGION_COLUMNS = ("region_embeddings", "region_boxes")
 class LibraryConfig:
     prototypes: int = 32  # k-means clusters of a slide's patch-head embeddings kept for the first search stage
     thumbnail: int = 128  # thumbnail side in pixels
-    candidates: int = 40  # rows the first stage passes to exact scoring (at least twice the hits asked for)
+    candidates: int = 40  # rows region search scans for places (at least twice the hits asked for)
     cached_encodings: int = 64  # encodings kept in memory between searches (the panel's queries share candidates)
     seed: int = 0  # k-means initialisation
     # what `like` compares slides by, beside their slide embeddings: the evidence for each of these findings

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from qtpy.QtCore import QTimer, Signal
+from qtpy.QtGui import QColor, QTextCharFormat, QTextCursor
 from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
@@ -44,6 +45,7 @@ RENDER_INTERVAL_MS = 30  # streamed pieces are coalesced into one repaint per in
 KEPT_CONVERSATIONS = 20  # other slides whose conversation is kept for when they come back
 NO_SLIDE_HINT = "Analyse a slide in the PathFLIP workspace to chat about it."
 TRAIN_HINT = "train one with `python -m training demo` or pick a chat folder under Chat model"
+LINK_COLOUR = "#7cc4ff"  # cited findings: light blue, legible on napari's dark and light themes
 ENDINGS = {"cancelled": "*(stopped)*", "length": "*(answer cut at the token limit: raise Max tokens for more)*"}
 
 
@@ -54,6 +56,15 @@ class Turn:
     ending: str = ""  # "" while streaming or after a normal end, else a key of ENDINGS
     streaming: bool = False
     note: str = ""  # shown under the answer, not part of the conversation (a ranked choice's option shares)
+    citations: list = dataclasses.field(default_factory=list)  # chat.Citation of the findings the answer names
+    report: object = None  # a description's SlideReport
+
+
+def _region_text(region) -> str:
+    if len(region) == 4 and not isinstance(region[0], (tuple, list)):
+        x0, y0, x1, y1 = region
+        return f"x {x0}-{x1}, y {y0}-{y1}"
+    return f"a polygon of {len(region)} vertices"
 
 
 def _quote(text: str) -> str:
@@ -61,43 +72,81 @@ def _quote(text: str) -> str:
     return "\n".join(f"> {line}  " if line.strip() else ">" for line in text.strip().splitlines())
 
 
-def turns_markdown(turns: list[Turn], cursor: bool = False) -> str:
+def _linked(turn: Turn, index: int) -> str:
+    """The answer's text with each cited finding as a link cite:<turn>:<citation> (the dock's transcript)."""
+    text, out, at = turn.text, [], 0
+    for number, citation in enumerate(turn.citations):
+        if citation.start < at or citation.end > len(text):
+            continue
+        out += [text[at:citation.start], f"[{text[citation.start:citation.end]}](cite:{index}:{number})"]
+        at = citation.end
+    return "".join(out) + text[at:]
+
+
+def evidence_lines(turn: Turn) -> list[str]:
+    """One line per cited finding: its evidence and its first boxes (level-0 px), for the exported transcript."""
+    from ..chat.grounded import cited_findings, evidence_line
+
+    return [f"- {evidence_line(e, boxes=3)}" for e in cited_findings(turn.citations)]
+
+
+def report_lines(report) -> list[str]:
+    """A description's structured report, one line per finding."""
+    return [f"- {f.name}: {f.summary()}" for f in report.findings]
+
+
+def turns_markdown(turns: list[Turn], cursor: bool = False, links: bool = False) -> str:
+    """The transcript as Markdown: with `links` (the dock) cited findings are links; without (exports) each answer
+    lists its evidence with boxes."""
     parts = []
-    for turn in turns:
+    for index, turn in enumerate(turns):
         if turn.role == USER:
             parts.append(f"**{USER}:**\n\n{_quote(turn.text)}")
         else:
-            body = turn.text.strip() or ("" if turn.streaming else "*(empty answer)*")
+            text = _linked(turn, index) if links and turn.citations else turn.text
+            body = text.strip() or ("" if turn.streaming else "*(empty answer)*")
             if turn.streaming and cursor:
                 body += " \u258d"  # a text cursor while the answer streams
             if turn.ending:
                 body = f"{body}\n\n{ENDINGS[turn.ending]}"
             if turn.note:
                 body = f"{body}\n\n*{turn.note}*"
+            if turn.report is not None:
+                body = "\n".join([body, "", "**Report** (PathFLIP evidence):", *report_lines(turn.report)])
+            if turn.citations and not links and not turn.streaming:
+                body = "\n".join([body, "", "Evidence:", *evidence_lines(turn)])
             parts.append(f"**{ASSISTANT}:**\n\n{body}")
     return "\n\n---\n\n".join(parts) + "\n"
 
 
 # ------------------------------------------------------------------------------------- worker functions
 def _load_chat(analysis, folder: Path, llm_dir: Path | None, device: str | None, engine: ChatEngine | None):
-    """Worker: the engine (reused when given), the slide encoding shared with Localize, a new conversation."""
+    """Worker: the engine (reused when given), the slide encoding shared with Localize, a new conversation (grounded
+    in the analysis's evidence when the chat config says so)."""
     if engine is None:
         engine = ChatEngine.load(folder, llm_dir=llm_dir, device=device, merge=True)
         if engine.fast:  # compile and capture the CUDA graph now, not on the user's first question
             engine.warmup()
-    return engine, engine.conversation(analysis.prepare())
+    return engine, engine.conversation(analysis.prepare(), analysis)
 
 
-def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event, choice=None):
-    """Worker generator: text pieces of one answer, then returns the ChatAnswer. `choice`: (question, options) of a
-    multiple-choice question, answered by `Conversation.stream_choice`."""
-    stream = conversation.stream_choice(*choice, settings) if choice else conversation.stream(prompt, settings)
+def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event, choice=None,
+            region=None):
+    """Worker generator: (text piece, citations so far) of one answer, then returns the ChatAnswer. `choice`:
+    (question, options) of a multiple-choice question, answered by `Conversation.stream_choice`; `region`: the
+    level-0 shape a "here" question is about."""
+    if choice:
+        stream = conversation.stream_choice(*choice, settings)
+    elif region is not None:
+        stream = conversation.stream(prompt, settings, region=region)
+    else:
+        stream = conversation.stream(prompt, settings)
     if stop.is_set():
         stream.cancel()
     for piece in stream:
         if stop.is_set():  # seen before the next token is decoded
             stream.cancel()
-        yield piece
+        yield piece, list(getattr(stream, "citations", ()))
     return stream.answer
 
 
@@ -144,12 +193,16 @@ class ChatDock(QWidget):
     """Multi-turn chat about the analysed slide. `set_analysis(analysis)` when a slide is analysed, None when it goes.
 
     Signals: `streamed(str)` for each text piece as it arrives, `answered(object)` with the ChatAnswer when an answer
-    ends (also when stopped), `ready(bool)` when the dock becomes able (or unable) to answer.
+    ends (also when stopped), `ready(bool)` when the dock becomes able (or unable) to answer, `cited(object)` with
+    the FindingEvidence of a finding clicked in an answer (the workspace shows its heatmap and zooms to its best box).
+    `region_source`: a callable giving the region drawn or picked on the slide (level-0; layers.drawn_region), which
+    "here" questions are about.
     """
 
     streamed = Signal(str)
     answered = Signal(object)
     ready = Signal(bool)
+    cited = Signal(object)  # the FindingEvidence of a citation clicked in the transcript
 
     def __init__(self, napari_viewer):
         super().__init__()
@@ -167,6 +220,7 @@ class ChatDock(QWidget):
         self._worker = None  # the answer being generated
         self._stop = threading.Event()
         self._reset_when_idle = False
+        self.region_source = None
         self._build()
         self._render_timer = QTimer(self)
         self._render_timer.setSingleShot(True)
@@ -180,7 +234,8 @@ class ChatDock(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.transcript = QTextBrowser()
-        self.transcript.setOpenExternalLinks(True)
+        self.transcript.setOpenLinks(False)  # cite: links show evidence (_link); others open in the browser
+        self.transcript.anchorClicked.connect(self._link)
         self.transcript.setPlaceholderText("The conversation appears here.")
         # follow the newest text unless the user scrolled up, also when the dock's layout resizes the transcript
         self._follow = True
@@ -199,7 +254,9 @@ class ChatDock(QWidget):
                                        "Ask the model for a caption: diagnosis and key findings")
         self.new_button = _button("New chat", self.new_chat)
         self.copy_button = _button("Copy", self.copy_transcript, "Copy the transcript (Markdown) to the clipboard")
-        self.save_button = _button("Save…", lambda: self.save_transcript(), "Save the transcript as a Markdown file")
+        self.save_button = _button("Save…", lambda: self.save_transcript(),
+                                   "Save the transcript as Markdown, JSON (with the cited evidence) or GeoJSON (the "
+                                   "cited boxes, for QuPath)")
         action_row = _row(self.describe_button, self.new_button, self.copy_button, self.save_button)
 
         self.choice_box, choice_form = _foldable("Multiple choice")
@@ -428,13 +485,24 @@ class ChatDock(QWidget):
         if not text:
             show_info("Type a question about the slide first.")
             return False
+        region, shown = None, text
+        if choice is None and getattr(self._conversation, "needs_region", lambda _: False)(text):
+            region = self.region_source() if self.region_source is not None else None
+            if region is None:
+                show_info("Draw a rectangle or polygon over the slide on a Shapes layer and select it (or select a "
+                          "Localize box), then ask again: the question is about that region.")
+                return False
+            shown = f"{text}\n(about the region {_region_text(region)})"
+        elif choice is not None:  # the question and its options as typed, without the instruction the engine adds
+            question, options = choice
+            shown = "\n".join([question.strip()] + [f"{k}. {v.strip()}" for k, v in options.items() if v.strip()])
         if from_input:
             self.question.clear()
-        user, answer = Turn(USER, text), Turn(ASSISTANT, "", streaming=True)
+        user, answer = Turn(USER, shown), Turn(ASSISTANT, "", streaming=True)
         self._turns += [user, answer]
         self._stop = stop = threading.Event()
         self.destroyed.connect(stop.set)  # a closed dock stops its answer
-        self._worker = run_in_background(_answer, self._conversation, text, self.settings(), stop, choice,
+        self._worker = run_in_background(_answer, self._conversation, text, self.settings(), stop, choice, region,
                                          on_yielded=lambda piece: self._piece(answer, piece),
                                          on_done=lambda result: self._finished(answer, result),
                                          on_error=lambda exc: self._failed(user, answer, exc),
@@ -468,7 +536,8 @@ class ChatDock(QWidget):
         self._stop.set()
 
     @_unless_deleted
-    def _piece(self, turn: Turn, piece: str) -> None:
+    def _piece(self, turn: Turn, item) -> None:
+        piece, turn.citations = item
         turn.text += piece
         if turn in self._turns:
             self.streamed.emit(piece)
@@ -483,6 +552,7 @@ class ChatDock(QWidget):
         current = turn in self._turns
         turn.text = result.text  # the final decode (the stream may end inside a multi-byte character)
         turn.ending = result.finish_reason if result.finish_reason in ENDINGS else ""
+        turn.citations, turn.report = list(result.citations), result.report
         if result.option_scores:
             turn.note = ranking_note(result.option_scores)
         notice = (result.notice or "").replace(self._conversation.notice or "", "").strip() \
@@ -551,30 +621,102 @@ class ChatDock(QWidget):
         QApplication.clipboard().setText(self.transcript_markdown())
         show_info("Transcript copied to the clipboard (Markdown).")
 
+    def transcript_json(self) -> dict:
+        """The conversation with every answer's citations (evidence, boxes in level-0 px) and reports."""
+        turns = []
+        for turn in self._turns:
+            entry = {"role": "user" if turn.role == USER else "assistant", "text": turn.text}
+            if turn.citations:
+                entry["citations"] = [c.to_json() for c in turn.citations]
+            if turn.report is not None:
+                entry["report"] = turn.report.to_json()
+            turns.append(entry)
+        slide = self._analysis.slide_path if self._analysis is not None else None
+        weights = self._analysis.weights.id if self._analysis is not None else None
+        return {"slide": slide, "weights": weights, "chat": str(self.chat_folder()),
+                "saved": datetime.now().isoformat(timespec="seconds"), "turns": turns}
+
+    def cited_annotations(self) -> list:
+        """The boxes of every finding the answers cite, as QuPath annotations (classification: the finding)."""
+        from ..chat.grounded import cited_annotations
+
+        return cited_annotations(c for turn in self._turns for c in turn.citations)
+
     def save_transcript(self, path: str | Path | None = None) -> Path | None:
-        """Write the transcript as Markdown to `path` (asks for a file name when None); returns the path written."""
+        """Write the transcript to `path` (asks for a file name when None) by its suffix: .md (Markdown, each answer
+        with its evidence), .json (turns with citations and reports) or .geojson (the cited boxes as QuPath
+        annotations); returns the path written."""
+        import json
+
         from napari.utils.notifications import show_error, show_info
+
+        from ..heatmap import save_geojson
 
         if path is None:
             stem = Path(self._analysis.slide_path).stem if self._analysis is not None else "chat"
             path, _ = QFileDialog.getSaveFileName(self, "Save the chat transcript", f"{stem}-chat.md",
-                                                  "Markdown (*.md)")
+                                                  "Markdown (*.md);;JSON with evidence (*.json);;"
+                                                  "Cited boxes for QuPath (*.geojson)")
             if not path:
                 return None
         path = Path(path)
-        if path.suffix.lower() not in (".md", ".markdown"):
-            path = path.with_name(path.name + ".md")
+        suffix = path.suffix.lower()
+        if suffix not in (".md", ".markdown", ".json", ".geojson"):
+            path, suffix = path.with_name(path.name + ".md"), ".md"
         try:
-            path.write_text(self.transcript_markdown(), encoding="utf-8")
+            if suffix == ".json":
+                path.write_text(json.dumps(self.transcript_json(), indent=2) + "\n", encoding="utf-8")
+            elif suffix == ".geojson":
+                annotations = self.cited_annotations()
+                if not annotations:
+                    show_info("No answer cites a finding with boxes yet: ask where a finding is, then save.")
+                    return None
+                save_geojson(path, annotations)
+            else:
+                path.write_text(self.transcript_markdown(), encoding="utf-8")
         except OSError as exc:
             show_error(f"Cannot save the transcript to {path}: {exc}. Pick another folder.")
             return None
         show_info(f"Transcript saved to {path}")
         return path
 
+    def _link(self, url) -> None:
+        """A link clicked in the transcript: a citation shows its evidence (`cited`), others open in the browser."""
+        from qtpy.QtGui import QDesktopServices
+
+        if url.scheme() != "cite":
+            QDesktopServices.openUrl(url)
+            return
+        try:
+            turn, number = (int(v) for v in url.path().split(":"))
+            evidence = self._turns[turn].citations[number].evidence
+        except (ValueError, IndexError):
+            return
+        self.cited.emit(evidence)
+
+    def _colour_links(self) -> None:
+        """Cited findings in LINK_COLOUR: the Markdown renderer gives links Qt's dark blue, unreadable on napari's
+        dark theme, and takes no style sheet."""
+        document = self.transcript.document()
+        colour = QTextCharFormat()
+        colour.setForeground(QColor(LINK_COLOUR))
+        block = document.begin()
+        while block.isValid():
+            fragments = block.begin()
+            while not fragments.atEnd():
+                fragment = fragments.fragment()
+                if fragment.charFormat().isAnchor():
+                    cursor = QTextCursor(document)
+                    cursor.setPosition(fragment.position())
+                    cursor.setPosition(fragment.position() + fragment.length(), QTextCursor.MoveMode.KeepAnchor)
+                    cursor.mergeCharFormat(colour)
+                fragments += 1
+            block = block.next()
+
     def _render(self) -> None:
         bar = self.transcript.verticalScrollBar()
         follow, position = self._follow, bar.value()
-        self.transcript.setMarkdown(turns_markdown(self._turns, cursor=True) if self._turns else "")
+        self.transcript.setMarkdown(turns_markdown(self._turns, cursor=True, links=True) if self._turns else "")
+        self._colour_links()
         bar.setValue(bar.maximum() if follow else position)  # follow the answer unless the user scrolled up
         self._follow = follow

@@ -88,3 +88,29 @@ def glyph_loaders(viewer, text: str) -> list:
     except AttributeError:
         return []
     return [lambda char=char: font[char] for char in dict.fromkeys(text + VISPY_METRIC_GLYPHS)]
+
+
+def drawn_region(viewer, slide_layer, localize=None):
+    """The region a person points at on a slide layer, in level-0 px: the selected rectangle (a box (x0, y0, x1,
+    y1)) or polygon (its (x, y) vertices) of the active Shapes layer (else of any Shapes layer with a selection),
+    else the box selected in Localize (`localize`); None when there is neither. What "Find similar regions" searches
+    and what the chat's "here" questions are about."""
+    from napari.layers import Shapes
+
+    if slide_layer is None or slide_layer not in viewer.layers:
+        return None
+    active = viewer.layers.selection.active
+    layers = [active] if isinstance(active, Shapes) else []
+    layers += [layer for layer in viewer.layers if isinstance(layer, Shapes) and layer is not active]
+    for layer in layers:
+        if layer.selected_data:
+            index = min(layer.selected_data)
+            # layer data -> world -> slide data (y, x); a level-0 pixel (x, y) sits at data (y - 0.5, x - 0.5)
+            vertices = np.array([slide_layer.world_to_data(layer.data_to_world(v))[-2:] for v in layer.data[index]],
+                                dtype=np.float64)
+            xy = vertices[:, ::-1] + 0.5
+            if layer.shape_type[index] == "rectangle":
+                (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
+                return (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
+            return [tuple(v) for v in xy.tolist()]
+    return localize.selected_box() if localize is not None else None

@@ -31,7 +31,7 @@ from ..errors import PathflipError
 from ..library import IndexSummary, Library, Table, index_slides, indexing_weights, is_library
 from ..weights import WeightsFolder
 from .fields import FolderField, QueryField
-from .layers import grid_placement, zoom_to
+from .layers import drawn_region, grid_placement, zoom_to
 from .progress import RunningWorkers, TaskProgress
 from .tasks import MODEL_LOCK, LatestRunner, notify_error, run_in_background
 
@@ -300,29 +300,11 @@ class LibraryPanel(QGroupBox):
         self.runner.submit(_regions, self.library, query, shape, self.top.value())
 
     def query_shape(self):
-        """The query region in level-0 px of the analysed slide: the selected rectangle (box) or polygon (vertices)
-        of the active Shapes layer (else of any Shapes layer with a selection), else the selected Localize box;
-        None when there is neither."""
-        from napari.layers import Shapes
-
-        slide = self.slide_layer
-        if self.analysis is None or slide is None or slide not in self.viewer.layers:
+        """The query region in level-0 px of the analysed slide (layers.drawn_region: the selected rectangle or
+        polygon of a Shapes layer, else the selected Localize box); None when there is neither."""
+        if self.analysis is None:
             return None
-        active = self.viewer.layers.selection.active
-        layers = [active] if isinstance(active, Shapes) else []
-        layers += [layer for layer in self.viewer.layers if isinstance(layer, Shapes) and layer is not active]
-        for layer in layers:
-            if layer.selected_data:
-                index = min(layer.selected_data)
-                # layer data -> world -> slide data (y, x); a level-0 pixel (x, y) sits at data (y - 0.5, x - 0.5)
-                vertices = np.array([slide.world_to_data(layer.data_to_world(v))[-2:]
-                                     for v in layer.data[index]], dtype=np.float64)
-                xy = vertices[:, ::-1] + 0.5
-                if layer.shape_type[index] == "rectangle":
-                    (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
-                    return (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
-                return [tuple(v) for v in xy.tolist()]
-        return self.localize.selected_box() if self.localize is not None else None
+        return drawn_region(self.viewer, self.slide_layer, self.localize)
 
     def _show_results(self, payload, seq: int) -> None:
         query, hits, thumbnails, *region = payload

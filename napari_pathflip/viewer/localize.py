@@ -554,6 +554,21 @@ class LocalizePanel(QGroupBox):
     def zoom_to_box(self, index: int) -> None:
         zoom_to(self.viewer, self.slide_layer, self.boxes[index])
 
+    def show_finding(self, query: str, box) -> None:
+        """Show the heatmap of `query` and zoom to the level-0 `box` (a chat citation): at once when it is on
+        screen, else once its heatmap is shown."""
+        if self.result is not None and self.result.text == query and self.query.text().strip() == query:
+            zoom_to(self.viewer, self.slide_layer, box)
+            return
+
+        def zoom(text: str, detail: str) -> None:
+            if text == query:
+                self.heatmap_updated.disconnect(zoom)
+                zoom_to(self.viewer, self.slide_layer, box)
+
+        self.heatmap_updated.connect(zoom)
+        self.query.setText(query)
+
     def zoom_to_region(self, index: int) -> None:
         """Zoom to the result's `index`-th best region, whichever boxes are shown."""
         zoom_to(self.viewer, self.slide_layer, self.result.top_boxes[index, :4])

@@ -2,19 +2,22 @@
 
 It holds the slide panel (which slide, weights, encoder, device, Analyze) above Localize (type a finding, see the
 heatmap), and brings up the chat and library docks beside itself: napari opens only the first manifest widget, so
-the workspace adds the rest. One SlideAnalysis, made by the slide panel (or opened from the library), feeds both
-Localize and the chat. The chat dock gets a new analysis once Localize has shown a heatmap and then nothing new
-for CHAT_AFTER_MS, or at once when its tab is shown: loading the chat model imports and reads for seconds, and doing
+the workspace adds the rest. The chat sits beside the workspace (its own column, so an answer is read beside the
+heatmap it cites); the library is a tab behind the workspace. One SlideAnalysis, made by the slide panel (or opened
+from the library), feeds both Localize and the chat. The chat dock gets a new analysis CHAT_AFTER_MS after the
+analysis or the last heatmap, whichever is later: loading the chat model imports and reads for seconds, and doing
 that while the first query is typed stalled the viewer (the loading thread takes the interpreter lock and the cores
-the GUI thread needs).
+the GUI thread needs). A citation clicked in the chat shows its finding's heatmap in Localize and zooms to its best
+box; "here" questions are about the shape drawn or the Localize box selected (layers.drawn_region).
 """
 
 from __future__ import annotations
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .chat_dock import ChatDock
+from .layers import drawn_region
 from .library_panel import LibraryPanel
 from .localize import LocalizePanel
 from .slide_panel import SlidePanel
@@ -22,6 +25,14 @@ from .slide_panel import SlidePanel
 CHAT_DOCK = "PathFLIP chat"
 CHAT_AFTER_MS = 2000
 LIBRARY_DOCK = "PathFLIP library"
+DOCK_WIDTH, CHAT_WIDTH = 390, 360  # px of the workspace and of the chat column beside it: the canvas keeps the rest
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    """The Qt dock widget holding `widget` (napari hands out proxies of its own)."""
+    while widget is not None and not isinstance(widget, QDockWidget):
+        widget = widget.parentWidget()
+    return widget
 
 
 class Workspace(QWidget):
@@ -55,6 +66,8 @@ class Workspace(QWidget):
         self.slide.analysis_changed.connect(self._analysis_changed)
         self.localize.heatmap_updated.connect(self._chat_timer.start)
         self.library.opened.connect(self._library_opened)
+        self.chat.cited.connect(self._show_cited)
+        self.chat.region_source = lambda: drawn_region(self.viewer, self.slide.analysed_layer, self.localize)
         # napari docks this widget only after constructing it: add the chat and the library once the workspace's
         # own dock exists, so that they can join it as tabs
         QTimer.singleShot(0, self._add_docks)
@@ -63,17 +76,20 @@ class Workspace(QWidget):
         window = getattr(self.viewer, "window", None)
         if window is None or not hasattr(window, "add_dock_widget") or CHAT_DOCK in window.dock_widgets:
             return  # a headless ViewerModel (the widgets still exist, undocked), or already docked
-        own_dock = self.parentWidget()
-        while own_dock is not None and not isinstance(own_dock, QDockWidget):
-            own_dock = own_dock.parentWidget()
-        # tabs beside the workspace: each gets the full height of the right-hand side
-        for name, widget in ((CHAT_DOCK, self.chat), (LIBRARY_DOCK, self.library)):
-            dock = window.add_dock_widget(widget, name=name, area="right", tabify=True)
-            if widget is self.chat:
-                dock.visibilityChanged.connect(lambda shown: shown and self._give_chat())
-        if own_dock is not None:
-            # the workspace tab in front (analysing comes first), once Qt has built the tab bar
+        own_dock = _dock_of(self)
+        window.add_dock_widget(self.chat, name=CHAT_DOCK, area="right", tabify=False)
+        window.add_dock_widget(self.library, name=LIBRARY_DOCK, area="right", tabify=False)
+        chat, library = _dock_of(self.chat), _dock_of(self.library)
+        if own_dock is not None and chat is not None and library is not None:
+            # the chat in a column of its own beside the workspace (not a tab behind it), the library a tab behind
+            # the workspace, which stays in front once Qt has built the tab bar
+            main = own_dock.parentWidget()
+            main.splitDockWidget(own_dock, chat, Qt.Orientation.Horizontal)
+            main.tabifyDockWidget(own_dock, library)
             QTimer.singleShot(0, own_dock.raise_)
+            # once the window has its size: widths before then are overridden by the first layout
+            QTimer.singleShot(0, lambda: main.resizeDocks([own_dock, chat], [DOCK_WIDTH, CHAT_WIDTH],
+                                                          Qt.Orientation.Horizontal))
 
     def _library_opened(self, analysis, layer, query: str) -> None:
         """A library hit: the analysed slide; Localize shows the query's heatmap and zooms to its best region."""
@@ -92,9 +108,17 @@ class Workspace(QWidget):
         # the library shares the loaded model when the weights are the same, and takes region queries over the layer
         self.library.set_analysis(analysis, self.slide.analysed_layer)
         self._chat_pending = True
-        # shown now (isVisible() is True for a tab behind others too)
-        if analysis is None or not self.chat.visibleRegion().isEmpty():
+        if analysis is None:
             self._give_chat()
+        else:
+            self._chat_timer.start()
+
+    def _show_cited(self, evidence) -> None:
+        """A citation clicked in the chat: its finding's heatmap, zoomed to its best box."""
+        if evidence.boxes:
+            self.localize.show_finding(evidence.query, evidence.boxes[0].box)
+        else:
+            self.localize.query.setText(evidence.query)
 
     def _give_chat(self, *args) -> None:
         """The chat dock gets the analysed slide when it has yet to (its model loads then)."""
