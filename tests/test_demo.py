@@ -48,7 +48,7 @@ FLOORS = {"retrieval_text_to_slide_R@1": 0.60, "retrieval_slide_to_text_R@1": 0.
           "free_text_accuracy": 0.85,  # 0.93 here, 0.90 on the 64
           "region_named_first": 0.90,  # 0.96 here and on the 64
           "presence_agreement": 0.97, "cited_in_mask": 0.95,  # 1.00 here; 1.00 and 0.99 on the 64
-          "caption_bleu_4": 0.30,  # 0.40 here, 0.50 on the 64 (issue: 0.50)
+          "caption_bleu_4": 0.30,  # 0.40 here, 0.51 on the 64 (issue: 0.50)
           # what the heatmap shows at the default threshold (issue 22)
           "displayed_precision_min_phrase": 0.80,  # 0.82 here (lymphocytes; 0.77 on the 64)
           "displayed_dice_min_phrase": 0.75,  # 0.87 here

@@ -89,6 +89,8 @@ def test_answers_written_from_evidence_start_with_the_answer_and_cite_the_findin
 class _Evidence:
     """Evidence by hand: what SlideEvidence gives for each finding of report.FINDINGS and typed texts."""
 
+    calls_presence = True
+
     def __init__(self, **findings):
         self.findings = findings
 

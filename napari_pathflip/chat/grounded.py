@@ -29,6 +29,7 @@ model would write could again say something the evidence does not (measured in t
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import PathflipError
-from ..heatmap import default_threshold
 from ..model.regions import AREA_NAMES
 from ..report import FINDINGS, FindingEvidence, SlideReport, evidence_for, evidence_from
 from ..text import split_sentences
@@ -63,12 +63,12 @@ FINDING_WORDS: dict[str, tuple[str, ...]] = {
 # tumour's centre or edge)
 PLACED = ("tumour", "fat", "normal glands", "lymphoid aggregate")
 BACKGROUND = ("stroma",)  # findings that make up the section around the others: named in a place only by share
-PLACE_WORDS = {"centre": "central", "center": "central", "middle": "central", "top": "upper", "bottom": "lower"}
 NUMBERS = ("none", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 SHOWN_SHARE = 0.25  # a finding is named in a place or region when it paints at least this share of its tissue
 LONGEST_SENTENCE = 400  # characters of a description held back at most while its sentence is checked
 RIM_SHARE = 0.15  # a finding named at a finding's edge paints at least this share of the rim (relation_scores)
 RIM_ABSENT = 0.1  # "X without Y" at an edge: Y paints less than this share of the rim
+REGION_KINDS = ("presence", "size", "count", "what_at")  # kinds a question about a drawn region is answered for
 KINDS = ("presence", "where", "count", "size", "what_at", "relation", "which_present", "which_absent", "describe",
          "other")
 
@@ -88,17 +88,30 @@ def _clean(text: str) -> str:
     return text
 
 
+# a place of the section in words: "upper left", "top right", "lower centre", "centre", "left", ... but not a
+# place of a finding ("the centre of the tumour nest": followed by "of")
+_VERTICAL = {"upper": "upper", "top": "upper", "lower": "lower", "bottom": "lower"}
+_HORIZONTAL = {"left": "left", "right": "right", "central": "central", "centre": "central", "center": "central",
+               "middle": "central"}
+_PLACE_RE = re.compile(rf"\b(?:(?P<v>{'|'.join(_VERTICAL)})(?:\s+(?P<h>{'|'.join(_HORIZONTAL)}))?"
+                       rf"|(?P<h2>{'|'.join(_HORIZONTAL)}))\b(?!\s+of\b)", re.IGNORECASE)
+
+
+def place_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, AREA_NAMES entry) of each place of the section a text names, in order: "the top left and the
+    centre" -> upper left, central. The one reader of places in text (questions, options, descriptions)."""
+    out = []
+    for match in _PLACE_RE.finditer(text):
+        vertical = _VERTICAL.get((match["v"] or "").lower())
+        horizontal = _HORIZONTAL.get((match["h"] or match["h2"] or "").lower())
+        area = f"{vertical} {horizontal or 'central'}" if vertical else horizontal
+        out.append((match.start(), match.end(), area))
+    return out
+
+
 def find_places(text: str) -> list[str]:
-    """The AREA_NAMES a text names, in order ("the upper left and the centre" -> upper left, central)."""
-    text = " " + re.sub(r"[^a-z ]", " ", text.lower()) + " "
-    for word, area in PLACE_WORDS.items():
-        text = text.replace(f" {word} ", f" {area} ")
-    found = []
-    for name in sorted(AREA_NAMES, key=len, reverse=True):  # "upper left" before "left"
-        for match in re.finditer(f" {name} ", text):
-            found.append((match.start(), name))
-        text = text.replace(f" {name} ", " " + "#" * len(name) + " ")
-    return [name for _, name in sorted(found)]
+    """The AREA_NAMES a text names, in order (place_spans)."""
+    return [area for _, _, area in place_spans(text)]
 
 
 def named_findings(text: str) -> list[str]:
@@ -115,8 +128,8 @@ def named_findings(text: str) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-_SUBJECT_TAIL = re.compile(r"( (located|found|seen|present|visible|identified|there))?( (on|in|within) (the|this) "
-                           r"(slide|section|tissue|image|region|area|box|selection))?( here)?$")
+_SUBJECT_TAIL = re.compile(r"( (is|are))?( (located|found|seen|present|visible|identified|there))?( (on|in|within) "
+                           r"(the|this) (slide|section|tissue|image|region|area|box|selection))?( here)?$")
 _LEAD = re.compile(r"^(the|a|an|any|some) ")
 _HERE = re.compile(r"\b(here|this region|this area|the region|the selection|this box|inside it|in it)\b")
 _PATTERNS = [
@@ -128,7 +141,8 @@ _PATTERNS = [
                          r"(of the (slide|section) )?(is|are) (?P<y>.+)|(locate|show me|point to|find) (?P<z>.+))$")),
     ("presence", re.compile(r"^((is|are) there (?P<x>.+)|(does|do) (the|this) (slide|section|tissue|region|image|"
                             r"area) (show|contain|have|include) (?P<y>.+)|(is|are) (?P<z>.+?) (present|seen|visible|"
-                            r"there|found)|any (?P<w>.+)|do you see (?P<v>.+))$")),
+                            r"there|found)( here| in (this|the) (region|area|box|selection))?|any (?P<w>.+)|"
+                            r"do you see (?P<v>.+))$")),
 ]
 _RELATION = re.compile(r"^what (is|lies|is seen|is found|is present|can be seen|do you see) (in|at|around|along) the "
                        r"(?P<r>centre|center|middle|core|edge|border|rim|periphery|margin) of the (?P<x>.+)$")
@@ -165,10 +179,14 @@ def read_question(question: str, caption_prompt: str = "") -> Intent:
             if subject and subject not in ("this", "it", "that"):
                 return Intent(kind, subject, here=here)
     if match := _WHAT_AT.match(text):
-        places = find_places(match["rest"])
-        if places:
+        rest = _HERE.sub("", match["rest"])
+        places = find_places(rest)
+        filler = _PLACE_RE.sub(" ", rest)
+        filler = re.sub(r"\b(the|of|in|at|on|part|area|region|corner|side|section|slide|this|that|it|there)\b", " ",
+                        filler).strip()
+        if places and not filler:
             return Intent("what_at", place=places[0])
-        if here or not match["rest"].strip() or match["rest"].strip() in ("this", "that", "it"):
+        if not filler and not places:
             return Intent("what_at", here=True)
     if text in ("what is this", "what is that", "what are these", "what do you see"):
         return Intent("what_at", here=True)
@@ -187,6 +205,8 @@ class SlideEvidence:
         self.source = source
         self._results: dict[str, object] = {}
         self._findings: dict[str, FindingEvidence] = {}
+        # held while the model grounds a text: the viewer sets its MODEL_LOCK, as Localize grounds on the same model
+        self.lock = contextlib.nullcontext()
 
     @classmethod
     def of(cls, source) -> SlideEvidence:
@@ -202,8 +222,15 @@ class SlideEvidence:
 
     def result(self, text: str):
         if text not in self._results:
-            self._results[text] = self.source.ground(text)
+            with self.lock:
+                self._results[text] = self.source.ground(text)
         return self._results[text]
+
+    @property
+    def calls_presence(self) -> bool:
+        """Whether the weights say if a slide shows a text (a calibrated patch-text head); without, the evidence only
+        ranks places, and only where-type answers are written from it (as "the best match")."""
+        return self.known(next(iter(FINDINGS))).presence is not None
 
     def finding(self, text: str, name: str | None = None) -> FindingEvidence:
         """The FindingEvidence of `text` (named `name`, default the text)."""
@@ -236,6 +263,12 @@ class SlideEvidence:
         from ..analysis import patch_values
 
         return patch_values(self.encoding, self.result(text))
+
+    def painted(self, text: str) -> np.ndarray:
+        """[P] bool: the patches the heatmap of `text` paints at its default threshold (analysis.shown_patches)."""
+        from ..analysis import shown_patches
+
+        return shown_patches(self.result(text))
 
     def patches_in(self, shape) -> np.ndarray:
         """[P] bool: the patches whose centre lies inside `shape` (level-0: a shapely geometry, a GeoJSON geometry
@@ -281,8 +314,7 @@ class SlideEvidence:
             if not evidence.present:
                 continue
             values = self.probabilities(evidence.query)[patches]
-            painted = values >= default_threshold(evidence.calibrated)
-            out.append((name, float(painted.mean()), float(values.max())))
+            out.append((name, float(self.painted(evidence.query)[patches].mean()), float(values.max())))
         return sorted(out, key=lambda item: -item[1])
 
 
@@ -324,9 +356,11 @@ def cited_annotations(citations: Iterable[Citation]) -> list:
 
 @dataclass
 class Written:
-    """An answer being written from evidence: text with citations."""
+    """An answer being written from evidence: text with citations. `raw`: a piece of the LLM's text, joined as it
+    is (parts written here are joined to the text before them with a space)."""
     text: str = ""
     citations: list[Citation] = field(default_factory=list)
+    raw: bool = False
 
     def add(self, text: str, evidence: FindingEvidence | None = None) -> Written:
         start = len(self.text)
@@ -364,7 +398,7 @@ def _ranked_only(evidence: FindingEvidence) -> Written:
     return out.add(f" is in {_places_phrase([evidence.place])}." if evidence.place else " shows no area.")
 
 
-def answer_presence(evidence: FindingEvidence, where: bool = False) -> Written:
+def answer_presence(evidence: FindingEvidence) -> Written:
     out = Written()
     if evidence.status == "not found":
         out.add("No. ").add(_capital(evidence.name), evidence)
@@ -380,9 +414,18 @@ def answer_presence(evidence: FindingEvidence, where: bool = False) -> Written:
     return out.add(".")
 
 
+def _unpainted(evidence: FindingEvidence) -> Written:
+    """Present by the slide's call, but no patch reaches the threshold: nothing to place, count or measure."""
+    out = Written().add(_capital(evidence.name), evidence)
+    return out.add(f" {_is(evidence.name)} called present ({_p(evidence)}) but no patch reaches the heatmap's "
+                   "threshold, so there is no area to place, count or measure.")
+
+
 def answer_where(evidence: FindingEvidence) -> Written:
     if evidence.status == "ranked only":
         return _ranked_only(evidence)
+    if evidence.present and not evidence.boxes:
+        return _unpainted(evidence)
     if not evidence.present or not evidence.place:
         out = Written().add("No ").add(evidence.name, evidence)
         return out.add(f" {_is(evidence.name)} found on this slide ({_p(evidence)}), so there is no place to name.")
@@ -399,6 +442,8 @@ def answer_where(evidence: FindingEvidence) -> Written:
 def answer_count(evidence: FindingEvidence) -> Written:
     if evidence.status == "ranked only":
         return _ranked_only(evidence)
+    if evidence.present and not evidence.boxes:
+        return _unpainted(evidence)
     n = evidence.count
     if n == 0:
         out = Written().add("0. No ").add(evidence.name, evidence)
@@ -413,13 +458,15 @@ def answer_count(evidence: FindingEvidence) -> Written:
 def answer_size(evidence: FindingEvidence) -> Written:
     if evidence.status == "ranked only":
         return _ranked_only(evidence)
+    if evidence.present and not evidence.boxes:
+        return _unpainted(evidence)
     if not evidence.present or not evidence.boxes:
         return Written().add("None. No ").add(evidence.name, evidence).add(
             f" {_is(evidence.name)} found on this slide ({_p(evidence)}).")
     out = Written().add(f"About {evidence.size:.1%} of the tissue. ").add(_capital(evidence.name), evidence)
     n = len(evidence.boxes)
-    return out.add(f" covers {evidence.size:.1%} of the tissue in {n} area{'s' * (n > 1)}, the largest in the "
-                   f"{evidence.place} part ({_p(evidence)}).")
+    return out.add(f" {_is(evidence.name, 'covers', 'cover')} {evidence.size:.1%} of the tissue in {n} painted "
+                   f"area{'s' * (n > 1)}, the most probable in the {evidence.place} part ({_p(evidence)}).")
 
 
 def answer_contents(evidence: SlideEvidence, patches: np.ndarray, where: str, place: str | None = None) -> Written:
@@ -448,7 +495,7 @@ def answer_here(evidence: SlideEvidence, subject: str, patches: np.ndarray) -> W
     if not patches.any():
         return Written("The region holds no tissue patches: draw it over tissue.")
     values = evidence.probabilities(found.query)[patches]
-    painted = float((values >= default_threshold(found.calibrated)).mean())
+    painted = float(evidence.painted(found.query)[patches].mean())
     if not found.present or painted == 0:
         out = Written("No. ").add(_capital(found.name), found)
         return out.add(f" {_is(found.name)} not painted in this region (p up to {values.max():.2f} there; slide "
@@ -469,14 +516,13 @@ def _within(evidence: SlideEvidence, reference: FindingEvidence) -> np.ndarray:
 
 
 def _rim(evidence: SlideEvidence, reference: FindingEvidence) -> np.ndarray:
-    """[P] bool: a ring two patches wide around the border of the reference's counted areas (holes filled: a nest
-    with a necrotic centre is still the nest)."""
+    """[P] bool: a ring around the border of the reference's counted areas, its outer two patches and its own
+    outermost one (holes filled: a nest with a necrotic centre is still the nest)."""
     from scipy import ndimage
 
     encoding = evidence.encoding
     cells = np.asarray(encoding.patch_coords, dtype=np.int64) // encoding.patch_size_level0
-    shown = _within(evidence, reference) & (evidence.probabilities(reference.query)
-                                            >= default_threshold(reference.calibrated))
+    shown = _within(evidence, reference) & evidence.painted(reference.query)
     mask = np.zeros(cells.max(0)[::-1] + 1, bool)
     mask[cells[shown, 1], cells[shown, 0]] = True
     filled = ndimage.binary_fill_holes(mask)
@@ -489,7 +535,7 @@ def relation_scores(evidence: SlideEvidence, subject: str, relation: str,
     """How well each candidate text is what lies at the centre or the edge of `subject`; None when the subject is
     not found. Centre: the share of the candidate's painted patches inside the boxes of the subject's areas (a candidate
     naming the subject itself, "viable tumour cells", scores 0.5: what the centre is when nothing else is there).
-    Edge: the share of a ring two patches wide around the areas' border that the candidate's heatmap paints; "X
+    Edge: the share of a ring around the areas' border (_rim) that the candidate's heatmap paints; "X
     without Y" scores X's share when Y paints less than RIM_ABSENT of the ring, else 0 (on the 64 test slides a band
     of lymphocytes at a tumour's edge paints 0.17-0.46 of the ring, none paints 0.00 where there is no band)."""
     reference = evidence.finding(subject)
@@ -503,14 +549,14 @@ def relation_scores(evidence: SlideEvidence, subject: str, relation: str,
             if own & set(named_findings(text)):
                 scores[text] = 0.5
                 continue
-            shown = evidence.probabilities(text) >= 0.5
+            shown = evidence.painted(text)
             scores[text] = float((shown & inside).sum() / shown.sum()) if shown.any() else 0.0
         return scores
     ring = _rim(evidence, reference)
     if not ring.any():
         return None
     def share(text: str) -> float:  # of the rim's patches the text's heatmap paints
-        return float((evidence.probabilities(text.strip())[ring] >= 0.5).mean())
+        return float(evidence.painted(text.strip())[ring].mean())
 
     for text in candidates:
         positive, _, negative = text.partition(" without ")
@@ -555,33 +601,56 @@ def choose(evidence: SlideEvidence, intent: Intent, options: Mapping[str, str]) 
     """A score per option letter from the evidence when the stem's kind decides it (highest wins), else None."""
     if intent.kind == "where":
         found = evidence.finding(intent.subject)
-        if not found.present or not found.place:
+        if not found.present or not found.place or not evidence.calls_presence:
             return None
         scores = {}
         for letter, text in options.items():
             places = find_places(text)
             if not places:
                 return None
-            scores[letter] = (2.0 * (places[0] == found.place) + (places[0] in found.area_places)
+            # the place answer_where names first (the best area's), then the other counted areas', then the share
+            scores[letter] = (2.0 * (places[0] == found.area_places[0]) + (places[0] in found.area_places)
                               + found.places.get(places[0], 0.0))
-        return scores
+        return _decided(scores)
     if intent.kind == "count":
+        if not evidence.calls_presence:
+            return None
         n = evidence.finding(intent.subject).count
         numbers = {letter: _number(text) for letter, text in options.items()}
         if any(v is None for v in numbers.values()):
             return None
-        return {letter: -abs(v - n) for letter, v in numbers.items()}
+        return _decided({letter: -abs(v - n) for letter, v in numbers.items()})
     if intent.kind in ("which_present", "which_absent"):
+        if not evidence.calls_presence:
+            return None
         sign = 1.0 if intent.kind == "which_present" else -1.0
-        return {letter: sign * (evidence.finding(text).presence or 0.0) for letter, text in options.items()}
-    if intent.kind == "relation":
+        scores = {letter: sign * evidence.finding(text).presence for letter, text in options.items()}
+    elif intent.kind == "relation":
         scores = relation_scores(evidence, intent.subject, intent.relation, list(options.values()))
-        return None if scores is None else dict(zip(options, scores.values()))
-    if intent.kind == "presence":
+        scores = None if scores is None else dict(zip(options, scores.values()))
+    elif intent.kind == "presence":
         found = evidence.finding(intent.subject)
-        yes = found.present and found.status != "uncertain"
-        return {letter: float(_clean(text).startswith("yes") == yes) for letter, text in options.items()}
-    return None
+        answers = {letter: yes_no(text) for letter, text in options.items()}
+        if found.presence is None or None in answers.values():
+            return None
+        scores = {letter: float(said == found.present) for letter, said in answers.items()}  # uncertain: yes
+    else:
+        return None
+    return _decided(scores)
+
+
+def _decided(scores: dict[str, float] | None) -> dict[str, float] | None:
+    """`scores` when one option is best, None (left to the LLM) on a tie."""
+    if not scores:
+        return None
+    best = sorted(scores.values(), reverse=True)
+    return scores if len(best) == 1 or best[0] > best[1] else None
+
+
+def yes_no(text: str) -> bool | None:
+    """True / False for an answer or option that starts with yes / no, else None."""
+    first = re.findall(r"[a-z]+", text.lower())[:1]
+    return {"yes": True, "no": False}.get(first[0]) if first else None
 
 
 # ----------------------------------------------------------------------------------------------- descriptions
@@ -600,10 +669,6 @@ def _sentence_for(evidence: FindingEvidence) -> Written:
     name = one if n == 1 else several.format(n=_capital(NUMBERS[min(n, len(NUMBERS) - 1)]))
     verb = "lies" if name.startswith("A ") else "lie"
     return Written().add(name, evidence).add(f" {verb} in {_places_phrase(places)}.")
-
-
-_PLACE_RE = re.compile(r"\b(" + "|".join(sorted([*AREA_NAMES, *PLACE_WORDS], key=len, reverse=True)) + r")\b",
-                       re.IGNORECASE)
 
 
 class DescriptionCheck:
@@ -633,9 +698,8 @@ class DescriptionCheck:
         wanted = found.area_places if found.present else []
         if wanted and places:
             self.placed.add(subject)
-            order = iter(range(len(places)))
-            sentence = _PLACE_RE.sub(lambda m: (lambda i: wanted[i] if i < len(wanted) else wanted[0])(next(order)),
-                                     sentence)
+            for i, (start, end, _) in reversed(list(enumerate(place_spans(sentence)))):
+                sentence = sentence[:start] + (wanted[i] if i < len(wanted) else wanted[0]) + sentence[end:]
         out = Written(sentence)
         _cite_words(out, 0, sentence, subject, found)
         return out
@@ -721,7 +785,7 @@ class WrittenStream:
                 if self.cancel_event.is_set():
                     break
                 shown = len(written.text)
-                _append(written, part, space=True)
+                _append(written, part, space=not part.raw)
                 self.citations = list(written.citations)  # before the pieces they cite (the dock links as it reads)
                 for piece in re.findall(r"\s*\S+", written.text[shown:]):
                     if self.cancel_event.is_set():
@@ -766,19 +830,25 @@ class GroundedConversation(Conversation):
         return read_question(question, self.engine.config.caption_prompt)
 
     def needs_region(self, question: str) -> bool:
-        """Whether `question` asks about a drawn region ("what is this?", "is there necrosis here?")."""
-        intent = self.intent(question)
-        return intent.here and intent.kind in ("presence", "what_at") and not intent.place
+        """Whether `question` asks about a drawn region ("what is this?", "is there necrosis here?", "how much
+        necrosis is in this region?")."""
+        try:
+            intent = self.intent(question)
+        except PathflipError:
+            return False
+        return intent.here and intent.kind in REGION_KINDS and not intent.place
 
     def writer(self, intent: Intent, region=None) -> Callable[[], Written] | None:
         """What writes the answer to `intent` from the evidence; None: the LLM answers."""
         evidence = self.evidence
+        if not evidence.calls_presence and intent.kind != "where":
+            return None  # weights that only rank places: the LLM answers, the where-answer names the best match
         if intent.kind == "what_at" and intent.place:
             return lambda: answer_contents(evidence, evidence.place_patches(intent.place),
                                            f"the {intent.place} part of the section", intent.place)
         if intent.kind == "what_at" and region is not None:
             return lambda: answer_contents(evidence, evidence.patches_in(region), "this region")
-        if intent.kind == "presence" and region is not None:
+        if intent.kind in ("presence", "size", "count") and region is not None:
             return lambda: answer_here(evidence, intent.subject, evidence.patches_in(region))
         writers = {"presence": answer_presence, "where": answer_where, "count": answer_count, "size": answer_size}
         if intent.kind in writers:
@@ -807,22 +877,28 @@ class GroundedConversation(Conversation):
         turns = [{"role": "user", "content": question}]  # a description is of the slide, not of the conversation
 
         def write():
-            check = DescriptionCheck(self.evidence)
-            llm = stream.llm = self.engine.stream(self.visual, turns, settings)
+            if stream.cancel_event.is_set():
+                return
+            check = DescriptionCheck(self.evidence) if self.evidence.calls_presence else None
+            llm = stream.llm = self.engine.stream(self.visual, turns, settings, cancel=stream.cancel_event)
             buffer = ""
             for piece in llm:
                 buffer += piece
                 sentences = split_sentences(buffer)
-                if len(sentences) > 1:  # the first is complete once the next one starts
+                if check is None:  # nothing to check against: shown as it comes
+                    yield Written(piece, raw=True)
+                    buffer = ""
+                elif len(sentences) > 1:  # the first is complete once the next one starts
                     for sentence in sentences[:-1]:
                         yield check.sentence(sentence)
                     buffer = sentences[-1]
                 elif len(buffer) > LONGEST_SENTENCE:  # no end in sight: checked and shown as it stands
                     yield check.sentence(buffer)
                     buffer = ""
-            for sentence in split_sentences(buffer):
-                yield check.sentence(sentence)
-            yield check.finish()
+            if check is not None:
+                for sentence in split_sentences(buffer):
+                    yield check.sentence(sentence)
+                yield check.finish()
 
         stream = self._written(question, write, report_of=self.evidence.report)
         return stream
@@ -838,6 +914,8 @@ class GroundedConversation(Conversation):
         except PathflipError:
             scores = None
         if scores is None:
+            if (rule or self.engine.config.choice_rule) == "generate":  # the LLM writes the letter: not a question
+                return Conversation.stream(self, self.choice_prompt(question, options), settings)  # to read here
             return super().stream_choice(question, options, settings, rule)
         best = max(scores, key=scores.get)
         write = self.writer(intent) if intent.kind in ("where", "count", "relation", "presence") else None

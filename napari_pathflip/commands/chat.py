@@ -57,6 +57,14 @@ def evidence_lines(answer) -> list[str]:
     return [f"[{n}] {evidence_line(e)}" for n, e in enumerate(cited_findings(answer.citations), 1)]
 
 
+def _check_out(out: Path | None) -> None:
+    """--out names a file type this command writes (said before the models load, not after the answer)."""
+    from ..errors import PathflipError
+
+    if out is not None and out.suffix.lower() not in (".md", ".markdown", ".json", ".geojson"):
+        raise PathflipError(f"--out {out}: use a .md, .json or .geojson file name")
+
+
 def write_answer(out: Path, question: str, answer) -> Path:
     """The answer with its evidence as .md, .json or .geojson (cited boxes as QuPath annotations)."""
     import json
@@ -98,6 +106,12 @@ def chat_main(argv: list[str]) -> int:
                         help="ask about this level-0 box only (\"what is this?\", \"is there necrosis here?\"; "
                         "grounded answers)")
     args = parser.parse_args(argv)
+    _check_out(args.out)
+    if args.option and args.region:
+        from ..errors import PathflipError
+
+        raise PathflipError("--region and --option do not go together: ask about the region in words, e.g. "
+                            "\"Is there necrosis here?\"")
     _, conversation = _conversation(args)
     if args.option:
         stream = conversation.stream_choice(args.question, args.option)
@@ -120,6 +134,7 @@ def caption_main(argv: list[str]) -> int:
                                      "how large, its boxes) and check the description's places against it.")
     _add_chat(parser)
     args = parser.parse_args(argv)
+    _check_out(args.out)
     engine, conversation = _conversation(args)
     _print_stream(conversation.stream(engine.config.caption_prompt), engine.config.caption_prompt, args.out)
     return 0

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 
 from ..chat import CONFIG_NAME, ChatEngine, GenerationSettings, ranking_note
 from ..errors import PathflipError
-from .tasks import run_in_background, user_message
+from .tasks import MODEL_LOCK, run_in_background, user_message
 
 USER, ASSISTANT = "You", "PathFLIP"
 OPTION_LETTERS = "ABCD"
@@ -127,7 +127,10 @@ def _load_chat(analysis, folder: Path, llm_dir: Path | None, device: str | None,
         engine = ChatEngine.load(folder, llm_dir=llm_dir, device=device, merge=True)
         if engine.fast:  # compile and capture the CUDA graph now, not on the user's first question
             engine.warmup()
-    return engine, engine.conversation(analysis.prepare(), analysis)
+    conversation = engine.conversation(analysis.prepare(), analysis)
+    if hasattr(conversation, "evidence"):  # grounded: its groundings share the model with Localize
+        conversation.evidence.lock = MODEL_LOCK
+    return engine, conversation
 
 
 def _answer(conversation, prompt: str, settings: GenerationSettings, stop: threading.Event, choice=None,

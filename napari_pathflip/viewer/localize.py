@@ -567,7 +567,10 @@ class LocalizePanel(QGroupBox):
                 zoom_to(self.viewer, self.slide_layer, box)
 
         self.heatmap_updated.connect(zoom)
-        self.query.setText(query)
+        if self.query.text().strip() == query:  # typed already (its heatmap failed or is on its way): ask again
+            self.request()
+        else:
+            self.query.setText(query)
 
     def zoom_to_region(self, index: int) -> None:
         """Zoom to the result's `index`-th best region, whichever boxes are shown."""
