@@ -258,12 +258,11 @@ def _bring_to_front(qtbot, panel) -> None:
     qtbot.waitUntil(panel.isVisible, timeout=5000)
 
 
-def _workspace_with_library(make_napari_viewer, qtbot, library, size=None):
-    """A shown viewer (resized to `size`, e.g. the screenshots') with the workspace, its library tab in front
-    holding `library`."""
+def _workspace_with_library(make_napari_viewer, qtbot, library, size=(1600, 1000)):
+    """A shown viewer (resized to `size`: a workstation window, or the screenshots') with the workspace, its
+    library tab in front holding `library`, the chat column beside it."""
     viewer = make_napari_viewer(show=True)
-    if size:
-        viewer.window.resize(*size)
+    viewer.window.resize(*size)
     _, workspace = viewer.window.add_plugin_dock_widget(PLUGIN)
     qtbot.waitUntil(lambda: "PathFLIP library" in viewer.window.dock_widgets, timeout=5000)
     panel = workspace.library
