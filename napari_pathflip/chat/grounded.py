@@ -414,21 +414,25 @@ def answer_presence(evidence: FindingEvidence) -> Written:
     return out.add(".")
 
 
-def _unpainted(evidence: FindingEvidence) -> Written:
-    """Present by the slide's call, but no patch reaches the threshold: nothing to place, count or measure."""
-    out = Written().add(_capital(evidence.name), evidence)
-    return out.add(f" {_is(evidence.name)} called present ({_p(evidence)}) but no patch reaches the heatmap's "
-                   "threshold, so there is no area to place, count or measure.")
-
-
-def answer_where(evidence: FindingEvidence) -> Written:
+def _unplaceable(evidence: FindingEvidence, lead: str, tail: str = "") -> Written | None:
+    """The answer of a where / how many / how large question when the evidence has no area to answer it from:
+    weights without a presence call (the best match only), a finding called present that paints nothing, or one the
+    slide does not show ("<lead>No X is found on this slide (p = ...)<tail>."); None when it has areas."""
     if evidence.status == "ranked only":
         return _ranked_only(evidence)
     if evidence.present and not evidence.boxes:
-        return _unpainted(evidence)
-    if not evidence.present or not evidence.place:
-        out = Written().add("No ").add(evidence.name, evidence)
-        return out.add(f" {_is(evidence.name)} found on this slide ({_p(evidence)}), so there is no place to name.")
+        out = Written().add(_capital(evidence.name), evidence)
+        return out.add(f" {_is(evidence.name)} called present ({_p(evidence)}) but no patch reaches the heatmap's "
+                       "threshold, so there is no area to place, count or measure.")
+    if not evidence.present:
+        out = Written(f"{lead}No ").add(evidence.name, evidence)
+        return out.add(f" {_is(evidence.name)} found on this slide ({_p(evidence)}){tail}.")
+    return None
+
+
+def answer_where(evidence: FindingEvidence) -> Written:
+    if (out := _unplaceable(evidence, "", ", so there is no place to name")) is not None:
+        return out
     out = Written().add(_capital(evidence.name), evidence)
     places = evidence.area_places
     if len(evidence.counted) > 1:
@@ -440,14 +444,9 @@ def answer_where(evidence: FindingEvidence) -> Written:
 
 
 def answer_count(evidence: FindingEvidence) -> Written:
-    if evidence.status == "ranked only":
-        return _ranked_only(evidence)
-    if evidence.present and not evidence.boxes:
-        return _unpainted(evidence)
+    if (out := _unplaceable(evidence, "0. ")) is not None:
+        return out
     n = evidence.count
-    if n == 0:
-        out = Written().add("0. No ").add(evidence.name, evidence)
-        return out.add(f" {_is(evidence.name)} found on this slide ({_p(evidence)}).")
     word = NUMBERS[n] if n < len(NUMBERS) else str(n)
     out = Written().add(f"{n}. ").add(_capital(evidence.name), evidence)
     out.add(f" {_is(evidence.name, 'forms', 'form')} {word} separate area{'s' * (n > 1)}, in "
@@ -456,13 +455,8 @@ def answer_count(evidence: FindingEvidence) -> Written:
 
 
 def answer_size(evidence: FindingEvidence) -> Written:
-    if evidence.status == "ranked only":
-        return _ranked_only(evidence)
-    if evidence.present and not evidence.boxes:
-        return _unpainted(evidence)
-    if not evidence.present or not evidence.boxes:
-        return Written().add("None. No ").add(evidence.name, evidence).add(
-            f" {_is(evidence.name)} found on this slide ({_p(evidence)}).")
+    if (out := _unplaceable(evidence, "None. ")) is not None:
+        return out
     out = Written().add(f"About {evidence.size:.1%} of the tissue. ").add(_capital(evidence.name), evidence)
     n = len(evidence.boxes)
     return out.add(f" {_is(evidence.name, 'covers', 'cover')} {evidence.size:.1%} of the tissue in {n} painted "
@@ -568,9 +562,8 @@ def answer_relation(evidence: SlideEvidence, subject: str, relation: str) -> Wri
     reference = evidence.finding(subject)
     names = [n for n in FINDINGS if not set(named_findings(subject)) & {n}]
     scores = relation_scores(evidence, subject, relation, [evidence.known(n).query for n in names])
-    if scores is None:
-        out = Written("No ").add(reference.name, reference)
-        return out.add(f" {_is(reference.name)} found on this slide ({_p(reference)}).")
+    if scores is None:  # no counted area of the reference to look around
+        return _unplaceable(reference, "") or Written(f"No area of {reference.name} to look around.")
     ranked = sorted(zip(names, scores.values()), key=lambda item: -item[1])
     least = 0.5 if relation == "centre" else RIM_SHARE
     shown = [(n, v) for n, v in ranked if v >= least and evidence.known(n).present]
