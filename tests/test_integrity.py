@@ -286,6 +286,16 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _flip_region_embeddings(lib: Path) -> None:
+    """One bit of the first encoding's region embeddings (what a search maps and scores) flipped."""
+    path = next((lib / "cache").rglob("encoding-*.npz"))
+    with np.load(path) as data:
+        start = path.read_bytes().find(data["region_embeddings"].tobytes()[:256])
+    data = bytearray(path.read_bytes())
+    data[start + 100] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 LIBRARY_DAMAGE = {
     "fingerprint chunk deleted": lambda lib: _chunk(lib, "fingerprint").unlink(),
     "slide_embedding chunk truncated": lambda lib: _chunk(lib, "slide_embedding").write_bytes(
@@ -293,6 +303,7 @@ LIBRARY_DAMAGE = {
     "prototypes chunk with a flipped bit": lambda lib: _flip(_chunk(lib, "prototypes")),
     "region_boxes chunk deleted": lambda lib: _chunk(lib, "region_boxes").unlink(),
     "encoding file deleted": lambda lib: next((lib / "cache").rglob("encoding-*.npz")).unlink(),
+    "encoding's region embeddings with a flipped bit": _flip_region_embeddings,
 }
 
 

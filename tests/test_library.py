@@ -151,6 +151,17 @@ def test_search_ranks_as_retrieval_scores_and_the_first_stage_bounds_the_evidenc
     with pytest.raises(Exception, match="type what to search for"):
         lib.search("  ")
 
+    # numpy's BLAS runs on one thread while a search runs (one_blas_thread), on as many as before after it
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before, seen, candidates = blas_threads(), [], lib.text_candidates
+    lib.text_candidates = lambda *args, **kwargs: seen.extend(blas_threads()) or candidates(*args, **kwargs)
+    lib.search("necrosis", top=1)
+    assert seen and set(seen) == {1} and blas_threads() == before
+
 
 def test_search_like_and_classify_commands(library, extra_slide, tmp_path, capsys):
     table = tmp_path / "hits.csv"

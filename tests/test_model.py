@@ -382,6 +382,48 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     np.testing.assert_allclose(a.patch_scores, b.patch_scores, equal_nan=True, atol=1e-7)
 
 
+def test_a_mapped_encoding_reads_as_np_load_and_its_damage_is_detected(tokenizer, tmp_path):
+    """What a library search maps (SlideEncoding.load(mapped=True)) is what np.load reads, grounds the same, and a
+    flipped bit or a cut file is refused, not scored."""
+    import dataclasses
+    import zipfile
+
+    from napari_pathflip.model import encoding as encoding_module
+
+    model = tiny_model(tokenizer).eval()
+    model.add_patch_head()
+    feats, coords = random_slide()
+    path = tmp_path / "slide.npz"
+    model.encode_slide(feats, coords, PATCH).save(path)
+    read = SlideEncoding.load(path, include_features=False)
+    mapped = SlideEncoding.load(path, include_features=False, mapped=True)
+    assert mapped.patch_features is None and mapped.patch_embeddings is not None
+    for f in dataclasses.fields(SlideEncoding):
+        if f.name != "patch_keys":
+            np.testing.assert_array_equal(np.asarray(getattr(mapped, f.name)), np.asarray(getattr(read, f.name)))
+    assert SlideEncoding.load(path, mapped=True).patch_features.shape == (len(coords), feats.shape[1])
+    a, b = model.ground(read, "necrosis"), model.ground(mapped, "necrosis")
+    np.testing.assert_array_equal(a.patch_scores, b.patch_scores)
+    np.testing.assert_array_equal(a.region_scores, b.region_scores)
+    assert mapped.patch_embeddings.data_ptr() % 64 == 0  # save_npz starts each array's data on 64 bytes
+    with np.load(path) as data:  # a file np.savez wrote (data where the header ends) maps as well
+        np.savez(tmp_path / "plain.npz", **dict(data.items()))
+    plain = SlideEncoding.load(tmp_path / "plain.npz", include_features=False, mapped=True)
+    assert torch.equal(plain.patch_embeddings, read.patch_embeddings)
+    np.testing.assert_array_equal(plain.region_index, read.region_index)
+
+    raw = path.read_bytes()
+    flipped = bytearray(raw)
+    flipped[raw.find(read.patch_embeddings.numpy().tobytes()[:256]) + 100] ^= 0x10
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="patch_embeddings is damaged"):
+        SlideEncoding.load(tmp_path / "flipped.npz", include_features=False, mapped=True)
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises((ValueError, zipfile.BadZipFile)):
+        SlideEncoding.load(tmp_path / "cut.npz", include_features=False, mapped=True)
+    assert str(path.resolve()) in {key[0] for key in encoding_module._CHECKED}  # checked once, trusted after
+
+
 def test_patch_head_scores_every_patch_and_keeps_the_attention_path(tokenizer, tmp_path):
     model = tiny_model(tokenizer).eval()
     feats, coords = random_slide()

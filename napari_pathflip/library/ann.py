@@ -347,8 +347,10 @@ class PrototypeIndex:
         for attempt in range(3):  # a concurrent update may remove a segment between the manifest and its file
             segments = valid_segments(self.folder, group, read_manifest(self.folder), self.count)
             try:
+                # IO_FLAG_MMAP_IFC: the graph and the vectors stay in the mapped file (IO_FLAG_MMAP copies an
+                # HNSW index into memory: 23 s for the 4 GB of 100,000 slides, 0.1 s for 10,000 mapped)
                 self.segments = [_faiss().read_index(str(index_folder(self.folder) / s["file"]),
-                                                     _faiss().IO_FLAG_MMAP) for s in segments]
+                                                     _faiss().IO_FLAG_MMAP_IFC) for s in segments]
                 break
             except (OSError, RuntimeError, ValueError):
                 if attempt == 2:

@@ -15,10 +15,11 @@ first one it returns for a sentence is that row's bound (evidence_regions = 1); 
 bounded from their stored prototypes. Stage 2 re-scores the max(top, `exact_rows`) best rows with the model's own
 retrieval_scores from their cached encodings (one product per slide, the regions of all of them pooled together),
 and each hit's best region comes out of the same pass: the hits carry exact scores, in their order. Each re-scored
-row is a pass over its patch embeddings (10 MB for 10,000 patches), most of a warm search, so stage 2 re-scores as
-many rows as hits asked for (20 by default): on the 64 test slides the exact top 10 is 0.99 within the first stage's
-top 20 (bench_library.py quality). The bound keeps the pooling's sharpness: a region's mean head
-embedding, the simpler index, ranks findings badly (necrosis AUROC 0.48 against 0.97 for the pooled score).
+row is a pass over its patch embeddings (10 MB for 10,000 patches), mapped from the encoding file rather than read
+into memory (SlideEncoding.load(mapped=True)), so stage 2 re-scores as many rows as hits asked for (20 by default):
+on the 64 test slides the exact top 10 is 0.99 within the first stage's top 20 (bench_library.py quality). The
+bound keeps the pooling's sharpness: a region's mean head embedding, the simpler index, ranks findings badly
+(necrosis AUROC 0.48 against 0.97 for the pooled score).
 
 Region search: the query is the sum v of the head embeddings of the patches inside a box or polygon of a slide (in
 the library or not), each less the library's mean patch embedding m (from its prototypes, ann.patch_totals); stage 1
@@ -38,6 +39,7 @@ breaker; one scan over a few numbers per slide (2 ms at 100,000 slides), no inde
 from __future__ import annotations
 
 import contextlib
+import functools
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -95,6 +97,25 @@ class RegionQuery:
     row: int | None = None
     fingerprint: str | None = None
     mean: np.ndarray | None = None  # None: not centred
+
+
+_blas = None  # threadpoolctl's controller of the BLAS libraries loaded (numpy's, faiss'), made on first use
+
+
+def one_blas_thread(method):
+    """A search method run with numpy's BLAS on one thread: its products here are small, and the threads OpenBLAS
+    keeps spinning for about 0.1 s after a product take both cores from the torch work that follows (the text
+    tower: 6 ms alone, 80-110 ms right after a region search with 2 BLAS threads; measured on 2 cores)."""
+    @functools.wraps(method)
+    def limited(*args, **kwargs):
+        global _blas
+        if _blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = ThreadpoolController()
+        with _blas.limit(limits=1, user_api="blas"):
+            return method(*args, **kwargs)
+    return limited
 
 
 def open_library(folder, **kwargs):
@@ -184,13 +205,15 @@ class Library:
         self._cache.clear()
 
     def _read_encoding(self, row: int):
-        """Search needs the head's patch embeddings; the patch features (as large again) are read only when the
-        slide is opened (`analysis`)."""
+        """Search needs the head's patch embeddings, mapped rather than read (SlideEncoding.load): a re-scored
+        row costs a pass over its patch embeddings instead of a copy and a CRC pass first, after the first time
+        this process maps the file; the patch features (as large again) are read only when the slide is opened
+        (`analysis`)."""
         from ..model import SlideEncoding
 
         path = resolve_stored(self.folder, self._encodings[row])
         try:
-            return SlideEncoding.load(path, include_features=False)
+            return SlideEncoding.load(path, include_features=False, mapped=True)
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
             raise PathflipError(f"the encoding of {self.names[row]} ({path}) cannot be read: {exc}. Run `pathflip "
                                 f"index --repair --out {self.folder}`.") from exc
@@ -333,6 +356,7 @@ class Library:
         return rows[order], first[order]
 
     # ------------------------------------------------------------------------------------------------ text
+    @one_blas_thread
     def search(self, text: str, top: int = 20) -> list[Hit]:
         """The `top` slides that best match `text`, best first, with exact retrieval_scores and best regions."""
         text = text.strip()
@@ -340,7 +364,11 @@ class Library:
             raise PathflipError("type what to search for, e.g. \"central necrosis\"")
         if not self.count:
             return []
+        from ..text import split_sentences
+
         with self.caching_texts():
+            # every text the two stages ask for (the whole text, its sentences) through the tower in one batch
+            self.model.encode_text(list(dict.fromkeys([text, *split_sentences(text)])))
             rows, _ = self.text_candidates(text, max(top, self.search_config.exact_rows))
             encodings = [self.encoding(int(r)) for r in rows]
             exact, best = self._exact(encodings, text)
@@ -472,6 +500,7 @@ class Library:
         analysis = SlideAnalysis(query, self.weights, self.cache_dir, self.attrs["encoder"], model=self.model)
         return None, analysis.prepare()
 
+    @one_blas_thread
     def like(self, query, top: int = 20) -> list[Hit]:
         """The `top` slides most like `query` (a table row, or a slide file: read from the library when it is in
         it, else analysed into the library's cache without being added), the query itself left out; see the
@@ -501,6 +530,7 @@ class Library:
         """The `top` places most like region `shape` of slide `query`, one per slide, best first (module doc)."""
         return self.similar_regions(self.region_query(query, shape), top)
 
+    @one_blas_thread
     def similar_regions(self, query: RegionQuery, top: int = 20) -> list[Hit]:
         if not self.count:
             return []
@@ -525,6 +555,7 @@ class Library:
         hits.sort(key=lambda hit: -hit.score)
         return hits[:top]
 
+    @one_blas_thread
     def region_similarity(self, row: int, query: RegionQuery) -> np.ndarray:
         """[P] each patch's similarity to the query (patch_similarity: the heatmap of an opened region hit)."""
         return patch_similarity(self.encoding(row), query)

@@ -565,8 +565,9 @@ class Table:
         self.attrs = dict(self._group.attrs)
         self.count = int(self.attrs["count"])
         _raise_damage(self.folder, self._group)
-        missing = [resolve_stored(self.folder, stored) for stored in self.strings("encoding")]
-        missing = [path for path in missing if not path.is_file()]
+        # os.path for 100,000 rows: pathlib took 1.6 s of a 4.5 s open
+        missing = [resolve_stored(self.folder, stored) for stored in sorted(set(self.strings("encoding")))
+                   if not os.path.isfile(os.path.join(self.folder, stored))]
         if missing:
             raise LibraryDamaged(f"the library {self.folder} is damaged: {len(missing)} encoding file(s) are missing "
                                  f"(e.g. {missing[0]}). {repair_hint(self.folder)}.")

@@ -3,6 +3,11 @@ file, no pickle) and `GroundingResult` (the scores of one text)."""
 
 from __future__ import annotations
 
+import io
+import mmap
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,18 +54,103 @@ class SlideEncoding:
             arrays["patch_features"] = self.patch_features.detach().float().cpu().numpy()
         if self.patch_embeddings is not None:
             arrays["patch_embeddings"] = self.patch_embeddings.detach().float().cpu().numpy()
-        np.savez(path, **arrays)
+        save_npz(path, arrays)
 
     @classmethod
-    def load(cls, path: str | Path, include_features: bool = True) -> "SlideEncoding":
+    def load(cls, path: str | Path, include_features: bool = True, mapped: bool = False) -> "SlideEncoding":
         """Read a saved encoding. `include_features=False` skips the patch features (as large again as the rest,
         twice that for a 512-d encoder): enough for everything but patch-level attention grounding, which is what
-        a library's search needs."""
-        with np.load(path, allow_pickle=False) as data:
-            a = {k: data[k] for k in data.files if include_features or k != "patch_features"}
+        a library's search needs. `mapped`: the arrays are views of a memory map of the file (`mapped_npz`), read
+        as used: a search that scores a few hundred of a slide's patch embeddings, or all of them once, does not
+        copy 10 MB first."""
+        if mapped:
+            a = mapped_npz(path, skip=() if include_features else ("patch_features",))
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                a = {k: data[k] for k in data.files if include_features or k != "patch_features"}
         tensors = {k: torch.from_numpy(a.pop(k)) for k in TENSORS + OPTIONAL_TENSORS if k in a}
         sizes = a.pop("sizes")
         return cls(**tensors, **a, patch_size_level0=int(sizes[0]), region_size_level0=int(sizes[1]))
+
+
+ALIGN = 64  # where save_npz starts each array's data in the file (np.save pads its header to 64 bytes as well)
+_PADDING = 0xD935  # the zip extra-field id that pads a local header (as zipalign does); readers skip it
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """What np.savez writes (an uncompressed .npz that np.load reads), with each array's data starting at a
+    multiple of ALIGN bytes in the file: mapped_npz's views are then aligned, as numpy's BLAS products and SIMD loops
+    want (unaligned views are copied when mapped)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = zipfile.ZIP_STORED
+            pad = -(archive.start_dir + 30 + len(member.filename)) % ALIGN
+            pad += ALIGN if 0 < pad < 4 else 0  # an extra-field record is at least 4 bytes
+            member.extra = struct.pack("<HH", _PADDING, pad - 4) + bytes(pad - 4) if pad else b""
+            archive.writestr(member, buffer.getbuffer())
+
+
+# files mapped_npz has checked in this process: (path, size, modification time, members skipped) -> where each
+# array lies, {name: (offset, dtype, shape, Fortran order)}; mapped again from that, without a check
+_CHECKED: dict[tuple, dict[str, tuple]] = {}
+
+
+def mapped_npz(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed .npz (`save_npz`, `np.savez`; no pickle) but those named in `skip`, as
+    copy-on-write views of one memory map of the file: nothing is copied (but arrays whose data is not aligned for
+    their type, as np.savez leaves them), pages are read when used, and the map lives as long as its arrays.
+    The first time a process maps a file each array's CRC is checked, as np.load checks it (a cached file damaged on
+    disk is detected, not scored); the same file (size and modification time) is then trusted and mapped from the
+    layout found. Files are replaced, never rewritten in place (atomic_write), so a mapped file does not change under
+    its map. Raises ValueError (or zipfile.BadZipFile, OSError) for a file that is not such an archive or is
+    damaged."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, tuple(skip))
+    with open(path, "rb") as file:
+        view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+    layout = _CHECKED.get(key)
+    if layout is None:
+        layout = _checked_layout(path, view, skip)
+        _CHECKED[key] = layout
+    arrays = {}
+    for name, (offset, dtype, shape, fortran) in layout.items():
+        array = np.frombuffer(view, dtype, int(np.prod(shape)), offset).reshape(shape, order="F" if fortran else "C")
+        arrays[name] = array if offset % max(dtype.alignment, 1) == 0 else array.copy()  # files np.savez wrote
+    return arrays
+
+
+def _checked_layout(path: Path, view: memoryview, skip: tuple[str, ...]) -> dict[str, tuple]:
+    """Where each array but those in `skip` lies in the mapped .npz `view`, each member's CRC and sizes checked."""
+    layout = {}
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.infolist() if m.filename.removesuffix(".npy") not in skip]
+    for member in members:
+        name = member.filename.removesuffix(".npy")
+        start = member.header_offset
+        if member.compress_type != zipfile.ZIP_STORED or bytes(view[start:start + 4]) != b"PK\x03\x04":
+            raise ValueError(f"{name} is compressed or its entry is damaged")
+        start += 30 + sum(struct.unpack("<HH", view[start + 26:start + 30]))  # local header, name, extra field
+        end = start + member.file_size
+        if end > len(view):
+            raise ValueError(f"{name} is cut short ({len(view)} of {end} bytes)")
+        if zlib.crc32(view[start:end]) != member.CRC:
+            raise ValueError(f"{name} is damaged (its CRC does not match)")
+        header = io.BytesIO(view[start:min(end, start + 65_546)])
+        version = np.lib.format.read_magic(header)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{name}: .npy format {version} is not read here")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(header)
+        offset = start + header.tell()
+        if dtype.hasobject or offset + int(np.prod(shape)) * dtype.itemsize != end:
+            raise ValueError(f"{name} holds objects or its size does not match its header")
+        layout[name] = (offset, dtype, shape, fortran)
+    return layout
 
 
 # presence probability below which a text is "not found" on a slide, and below which it is "uncertain"
