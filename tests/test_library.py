@@ -152,15 +152,18 @@ def test_search_ranks_as_retrieval_scores_and_the_first_stage_bounds_the_evidenc
         lib.search("  ")
 
     # numpy's BLAS runs on one thread while a search runs (one_blas_thread), on as many as before after it
+    before, seen, candidates = _blas_threads(), [], lib.text_candidates
+    lib.text_candidates = lambda *args, **kwargs: seen.extend(_blas_threads()) or candidates(*args, **kwargs)
+    lib.search("necrosis", top=1)
+    assert seen and set(seen) == {1} and _blas_threads() == before
+
+
+def _blas_threads() -> list[int]:
+    """Threads of each BLAS but OpenMP builds (whose count is each thread's own: faiss' OpenBLAS)."""
     from threadpoolctl import threadpool_info
 
-    def blas_threads():
-        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
-
-    before, seen, candidates = blas_threads(), [], lib.text_candidates
-    lib.text_candidates = lambda *args, **kwargs: seen.extend(blas_threads()) or candidates(*args, **kwargs)
-    lib.search("necrosis", top=1)
-    assert seen and set(seen) == {1} and blas_threads() == before
+    return [info["num_threads"] for info in threadpool_info()
+            if info["user_api"] == "blas" and info.get("threading_layer") != "openmp"]
 
 
 def test_search_like_and_classify_commands(library, extra_slide, tmp_path, capsys):
@@ -645,3 +648,27 @@ def test_library_regions_screenshot(make_napari_viewer, demo_library, qtbot, tmp
     out = _screenshot_dir(tmp_path)
     window = viewer.screenshot(str(out / "library_regions.png"), canvas_only=False)
     assert window.shape[0] > 500
+
+
+def test_searches_in_two_threads_at_once_restore_the_blas_threads():
+    """Overlapping searches (the panel's workers) leave numpy's BLAS threads as they found them (the first one in sets
+    the limit, the last one out restores it; OpenBLAS builds differ in whether a thread's setting is the process's,
+    so only what is left after is asserted)."""
+    import threading
+    import time
+
+    from napari_pathflip.library.search import one_blas_thread
+
+    before = _blas_threads()
+
+    @one_blas_thread
+    def search():
+        time.sleep(0.2)
+
+    workers = [threading.Thread(target=search) for _ in range(2)]
+    workers[0].start()
+    time.sleep(0.05)
+    workers[1].start()
+    for worker in workers:
+        worker.join()
+    assert _blas_threads() == before

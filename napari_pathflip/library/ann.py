@@ -131,7 +131,10 @@ def valid_segments(folder, group, manifest: dict | None, count: int) -> list[dic
     for segment in manifest.get("segments", []):
         if segment["start"] != start or start >= count:
             break
-        if not (index_folder(folder) / segment["file"]).is_file():
+        path = index_folder(folder) / segment["file"]
+        # a file cut short is not a segment: mapped (IO_FLAG_MMAP_IFC), a cut inside its last page would read
+        # as a graph with wrong ids (segments written before sizes were recorded: not checked)
+        if not path.is_file() or segment.get("bytes", path.stat().st_size) != path.stat().st_size:
             break
         if segment["stop"] <= count and _fingerprint(group, segment["stop"] - 1) != segment["last"]:
             break
@@ -289,7 +292,8 @@ def _write_segment(folder: Path, group, start: int, stop: int, extend: dict | No
     name = _segment_name(first, stop)
     atomic_write(index_folder(folder) / name, lambda tmp: faiss.write_index(index, str(tmp)), suffix=".faiss")
     return {"file": name, "start": first, "stop": stop, "vectors": int(index.ntotal),
-            "last": _fingerprint(group, stop - 1), "patch_sum": total.tolist(), "patches": patches}
+            "last": _fingerprint(group, stop - 1), "patch_sum": total.tolist(), "patches": patches,
+            "bytes": (index_folder(folder) / name).stat().st_size}
 
 
 def _remove_unlisted(folder: Path, segments: list[dict]) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -99,22 +100,30 @@ class RegionQuery:
     mean: np.ndarray | None = None  # None: not centred
 
 
-_blas = None  # threadpoolctl's controller of the BLAS libraries loaded (numpy's, faiss'), made on first use
+_blas = {"limiter": None, "users": 0, "lock": threading.Lock()}  # see one_blas_thread
 
 
 def one_blas_thread(method):
     """A search method run with numpy's BLAS on one thread: its products here are small, and the threads OpenBLAS
     keeps spinning for about 0.1 s after a product take both cores from the torch work that follows (the text
-    tower: 6 ms alone, 80-110 ms right after a region search with 2 BLAS threads; measured on 2 cores)."""
+    tower: 6 ms alone, 80-110 ms right after a region search with 2 BLAS threads; measured on 2 cores). Some
+    OpenBLAS builds hold the limit for the process, others per thread: the first search running sets it, the last
+    one to finish restores it, so searches in worker threads at once never leave the process limited."""
     @functools.wraps(method)
     def limited(*args, **kwargs):
-        global _blas
-        if _blas is None:
-            from threadpoolctl import ThreadpoolController
+        with _blas["lock"]:
+            if _blas["users"] == 0:  # the libraries loaded now (one loaded since the last search counts): ~1 ms
+                from threadpoolctl import ThreadpoolController
 
-            _blas = ThreadpoolController()
-        with _blas.limit(limits=1, user_api="blas"):
+                _blas["limiter"] = ThreadpoolController().limit(limits=1, user_api="blas")
+            _blas["users"] += 1
+        try:
             return method(*args, **kwargs)
+        finally:
+            with _blas["lock"]:
+                _blas["users"] -= 1
+                if _blas["users"] == 0:
+                    _blas["limiter"].restore_original_limits()
     return limited
 
 

@@ -3,11 +3,15 @@ file, no pickle) and `GroundingResult` (the scores of one text)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
+import os
 import struct
+import sys
 import zipfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,15 +91,17 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
             np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
             member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             member.compress_type = zipfile.ZIP_STORED
-            pad = -(archive.start_dir + 30 + len(member.filename)) % ALIGN
+            pad = -(archive.start_dir + 30 + len(member.filename.encode())) % ALIGN
             pad += ALIGN if 0 < pad < 4 else 0  # an extra-field record is at least 4 bytes
             member.extra = struct.pack("<HH", _PADDING, pad - 4) + bytes(pad - 4) if pad else b""
             archive.writestr(member, buffer.getbuffer())
 
 
-# files mapped_npz has checked in this process: (path, size, modification time, members skipped) -> where each
-# array lies, {name: (offset, dtype, shape, Fortran order)}; mapped again from that, without a check
-_CHECKED: dict[tuple, dict[str, tuple]] = {}
+# files mapped_npz has checked in this process, by (path, device, inode, size, modification and change times,
+# members skipped) -> where each array lies, {name: (offset, dtype, shape, Fortran order)}: mapped again from that,
+# without a check; the CHECKED_FILES most recent are kept (a few KB each)
+_CHECKED: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()
+CHECKED_FILES = 4096
 
 
 def mapped_npz(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -103,19 +109,24 @@ def mapped_npz(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str, np.nda
     copy-on-write views of one memory map of the file: nothing is copied (but arrays whose data is not aligned for
     their type, as np.savez leaves them), pages are read when used, and the map lives as long as its arrays.
     The first time a process maps a file each array's CRC is checked, as np.load checks it (a cached file damaged on
-    disk is detected, not scored); the same file (size and modification time) is then trusted and mapped from the
-    layout found. Files are replaced, never rewritten in place (atomic_write), so a mapped file does not change under
-    its map. Raises ValueError (or zipfile.BadZipFile, OSError) for a file that is not such an archive or is
-    damaged."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, tuple(skip))
+    disk is detected, not scored); the same file (inode, size, times, as the open file reports them) is then trusted
+    and mapped from the layout found. Files are replaced, never rewritten in place (atomic_write), so a mapped file
+    does not change under its map. Raises ValueError (or zipfile.BadZipFile, OSError) for a file that is not such an
+    archive or is damaged."""
+    _allow_open_files()
     with open(path, "rb") as file:
-        view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
-    layout = _CHECKED.get(key)
-    if layout is None:
-        layout = _checked_layout(path, view, skip)
-        _CHECKED[key] = layout
+        stat = os.fstat(file.fileno())
+        key = (str(Path(path).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+               tuple(skip))
+        view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY, **_UNTRACKED))
+        layout = _CHECKED.get(key)
+        if layout is None:
+            layout = _checked_layout(file, view, skip)
+            _CHECKED[key] = layout
+            while len(_CHECKED) > CHECKED_FILES:
+                _CHECKED.popitem(last=False)
+        else:
+            _CHECKED.move_to_end(key)
     arrays = {}
     for name, (offset, dtype, shape, fortran) in layout.items():
         array = np.frombuffer(view, dtype, int(np.prod(shape)), offset).reshape(shape, order="F" if fortran else "C")
@@ -123,36 +134,58 @@ def mapped_npz(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str, np.nda
     return arrays
 
 
-def _crc32(path: Path, start: int, end: int, chunk: int = 4 << 20) -> int:
-    """CRC-32 of bytes [start, end) of a file, read in large pieces: from a disk, as fast as np.load reads (a pass
-    over the map would fault its pages in a small read at a time: 20 % slower cold), and the pages are then in the
-    system's cache for the map."""
+# Python 3.13+ maps without keeping a duplicate of the file's descriptor; before, each live map holds one
+_UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+@functools.cache
+def _allow_open_files(wanted: int = 8192) -> None:
+    """Raise the soft limit on open files towards the hard one, once: each mapped encoding held in a library's
+    cache holds a descriptor before Python 3.13 (64 a library, one library per shard; macOS starts at 256)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _crc32(file, start: int, end: int, chunk: int = 4 << 20) -> int:
+    """CRC-32 of bytes [start, end) of an open file, read in large pieces: from a disk, as fast as np.load reads (a
+    pass over the map would fault its pages in a small read at a time), and the pages are then in the system's cache
+    for the map."""
     crc, buffer = 0, bytearray(min(chunk, max(end - start, 1)))
-    with open(path, "rb", buffering=0) as file:
-        file.seek(start)
-        while start < end:
-            got = file.readinto(memoryview(buffer)[:min(len(buffer), end - start)])
-            if not got:
-                raise ValueError("the file is cut short")
-            crc, start = zlib.crc32(memoryview(buffer)[:got], crc), start + got
+    file.seek(start)
+    while start < end:
+        got = file.readinto(memoryview(buffer)[:min(len(buffer), end - start)])
+        if not got:
+            raise ValueError("the file is cut short")
+        crc, start = zlib.crc32(memoryview(buffer)[:got], crc), start + got
     return crc
 
 
-def _checked_layout(path: Path, view: memoryview, skip: tuple[str, ...]) -> dict[str, tuple]:
-    """Where each array but those in `skip` lies in the mapped .npz `view`, each member's CRC and sizes checked."""
+def _checked_layout(file, view: memoryview, skip: tuple[str, ...]) -> dict[str, tuple]:
+    """Where each array but those in `skip` lies in the .npz open as `file` and mapped as `view`, each member's
+    name, CRC and sizes checked."""
     layout = {}
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(file) as archive:  # a file object: left open
         members = [m for m in archive.infolist() if m.filename.removesuffix(".npy") not in skip]
     for member in members:
         name = member.filename.removesuffix(".npy")
         start = member.header_offset
         if member.compress_type != zipfile.ZIP_STORED or bytes(view[start:start + 4]) != b"PK\x03\x04":
             raise ValueError(f"{name} is compressed or its entry is damaged")
-        start += 30 + sum(struct.unpack("<HH", view[start + 26:start + 30]))  # local header, name, extra field
+        lengths = struct.unpack("<HH", view[start + 26:start + 30])
+        if bytes(view[start + 30:start + 30 + lengths[0]]) != member.filename.encode():
+            raise zipfile.BadZipFile(f"{name}: the names in the directory and in the entry differ")
+        start += 30 + sum(lengths)  # local header, name, extra field
         end = start + member.file_size
         if end > len(view):
             raise ValueError(f"{name} is cut short ({len(view)} of {end} bytes)")
-        if _crc32(path, start, end) != member.CRC:
+        if _crc32(file, start, end) != member.CRC:
             raise ValueError(f"{name} is damaged (its CRC does not match)")
         header = io.BytesIO(view[start:min(end, start + 65_546)])
         version = np.lib.format.read_magic(header)
